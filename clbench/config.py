@@ -1,0 +1,196 @@
+"""Typed run configuration: YAML file + ``key=value`` overrides, checked against dataclass schemas.
+
+The ``scenario``, ``model`` and ``strategy`` sections are typed by the component their
+``name`` selects (its registered config dataclass, whose defaults are the paper's), so
+``strategy=ewc strategy.lambda_=1e4`` validates ``lambda_`` against EWC's schema.  A name may
+be given as a string (``strategy: ewc``).  Precedence: schema defaults < YAML < command line.
+If the command line switches a section to another component, the YAML's keys for the old
+one are dropped (they belong to a different schema), unless the two share a schema
+(``scenario=task_incremental`` on a class_incremental YAML keeps its dataset and split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from clbench.logging.config import LoggingConfig
+from clbench.registry import MODELS, SCENARIOS, STRATEGIES, ClbenchError, Registry
+
+TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
+    "scenario": (SCENARIOS, "class_incremental"),
+    "model": (MODELS, "mlp"),
+    "strategy": (STRATEGIES, "replay"),
+}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # passes over each experience's data (ignored when iterations is set)
+    iterations: Optional[int] = None  # fixed number of iterations per experience
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine (per experience)
+    warmup_iters: int = 0
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    grad_clip: Optional[float] = None  # max global gradient norm
+    augment: str = "none"  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
+    reset_optimizer: bool = True  # new optimiser state at each experience
+    data_on_device: bool = True  # hold the whole stream on the device as uint8
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # evaluate every N training iterations (0: only at experience ends)
+    subset_size: int = 1000  # fixed, seeded test subset per task for periodic evaluation (0: all)
+    batch_size: int = 2048
+    windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
+    recovery_tol: float = 0.0  # stability gap: recovered when acc >= pre-boundary acc - tol
+    baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # checkpoint at each experience end
+    every: int = 0  # also every N iterations (0: never mid-experience)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "runs"
+    name: Optional[str] = None  # run directory name (default: time stamp + scenario + strategy)
+    cache_dir: Optional[str] = None  # decoded-dataset cache (default: $CLBENCH_CACHE or ~/.cache/clbench)
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    scenario: Any = None
+    model: Any = None
+    strategy: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The resolved, validated run config from an optional YAML file and ``key=value`` overrides."""
+    file_cfg = _load_yaml(path) if path else OmegaConf.create({})
+    cli_cfg = _parse_overrides(overrides or [])
+    for section in TYPED_SECTIONS:
+        for source in (file_cfg, cli_cfg):
+            if isinstance(source.get(section), str):
+                source[section] = {"name": source[section]}
+    cfg = _merge(OmegaConf.structured(RunConfig), [_without(file_cfg), _without(cli_cfg)], "")
+    for section, (registry, default) in TYPED_SECTIONS.items():
+        cfg[section] = typed_section(section, registry, default, file_cfg.get(section), cli_cfg.get(section))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def typed_section(section: str, registry: Registry, default: str, file_part: Any, cli_part: Any) -> DictConfig:
+    """One ``name``-typed section: the component's schema, then the YAML's keys, then the CLI's."""
+    cli_name = cli_part.get("name") if cli_part is not None else None
+    file_name = file_part.get("name") if file_part is not None else None
+    name = cli_name or file_name or default
+    entry = registry.get(str(name))
+    if entry.config is None:
+        raise ClbenchError(f"{registry.kind} '{name}' has no config dataclass")
+    base = OmegaConf.structured(entry.config)
+    base.name = str(name)
+    keep_file = file_name in (None, name) or _same_schema(registry, str(file_name), entry.config)
+    parts = [p for p in (file_part if keep_file else None, cli_part) if p is not None]
+    return _merge(base, parts, section + ".")
+
+
+def _same_schema(registry: Registry, other: str, config: type) -> bool:
+    """Whether component ``other``'s config class is ``config``'s or derived from it (or vice versa),
+    e.g. class_incremental -> task_incremental, so that the YAML's keys still apply."""
+    old = registry.get(other).config if other in registry else None
+    return old is not None and (issubclass(config, old) or issubclass(old, config))
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """A plain, JSON-serialisable dict of a config."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def component_config(section: DictConfig) -> Any:
+    """The section as an instance of its registered dataclass (what builders receive)."""
+    return OmegaConf.to_object(section)
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ClbenchError(f"config file not found: {p} (run `clbench list` for the shipped configs under configs/)")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as err:
+        raise ClbenchError(f"cannot parse config file {p}: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ClbenchError(f"config file {p} must hold a mapping at the top level")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ClbenchError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    # `strategy=ewc` -> `strategy.name=ewc`: a later `strategy.lambda_=...` would otherwise
+    # replace the string with a dict and lose the name.
+    overrides = [f"{o.split('=', 1)[0]}.name={o.split('=', 1)[1]}"
+                 if o.split("=", 1)[0] in TYPED_SECTIONS and not o.split("=", 1)[1].lstrip().startswith("{") else o
+                 for o in overrides]
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ClbenchError(f"bad override ({err.msg if hasattr(err, 'msg') else err}); "
+                           "to switch a component and set its keys write e.g. strategy=ewc strategy.lambda_=1e4") from None
+
+
+def _without(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.create({k: v for k, v in cfg.items() if k not in TYPED_SECTIONS})
+
+
+def _merge(base: DictConfig, parts: list[Any], prefix: str) -> DictConfig:
+    """Merge ``parts`` into the structured ``base``, turning OmegaConf errors into actionable ones."""
+    for part in parts:
+        try:
+            base = OmegaConf.merge(base, part)
+        except ConfigKeyError as err:
+            raise ClbenchError(_unknown_key_message(base, err, prefix)) from None
+        except (ValidationError, OmegaConfBaseException) as err:
+            key = f"{prefix}{err.full_key}" if getattr(err, "full_key", None) else prefix.rstrip(".")
+            msg = str(err).splitlines()[0]
+            raise ClbenchError(f"invalid value for config key '{key}': {msg}") from None
+    return base  # type: ignore[return-value]
+
+
+def _unknown_key_message(base: DictConfig, err: ConfigKeyError, prefix: str) -> str:
+    full_key = str(getattr(err, "full_key", "") or "")
+    parent_path, _, leaf = full_key.rpartition(".")
+    node = OmegaConf.select(base, parent_path) if parent_path else base
+    valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    where = f"{prefix}{parent_path}" if parent_path else prefix.rstrip(".") or "the top level"
+    match = difflib.get_close_matches(leaf, [str(v) for v in valid], n=1, cutoff=0.5)
+    hint = f" Did you mean '{prefix}{parent_path + '.' if parent_path else ''}{match[0]}'?" if match else ""
+    return f"unknown config key '{prefix}{full_key}'.{hint} Valid keys in {where}: {', '.join(map(str, valid))}"
+
+
+def schema_defaults(config_class: type) -> dict:
+    """The defaults of a component's config dataclass, as a plain dict."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            for f in dataclasses.fields(config_class)}

@@ -1,0 +1,419 @@
+"""The engine: builds a run from its config and owns the training loop.
+
+It owns the optimiser, the learning-rate schedule, AMP, gradient clipping, the device,
+seeding and checkpoints; strategies only supply hooks (:mod:`clbench.strategy`).  Every
+``eval.every`` iterations, and at the last iteration of every experience, the evaluator runs
+on fixed subsets of the seen tasks; at each experience end it runs on the full test sets.
+
+Resuming (``run(cfg, resume=RUN_DIR)``) restores model, optimiser, scheduler, AMP scaler,
+strategy state, metric trackers and every RNG state from the last checkpoint, so on CPU the
+resumed run's final metrics equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from clbench.config import component_config, config_to_yaml, to_dict
+from clbench.evaluation import Evaluator
+from clbench.logging import build_logger
+from clbench.models import build_model
+from clbench.registry import STRATEGIES, ClbenchError
+from clbench.strategy import Batch, Context, Strategy
+from clbench.transforms import Preprocess
+from scenarios import build_stream
+from scenarios.base import seeded_generator
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(ClbenchError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Position:
+    """Where training stands: the next experience to train and iterations already done in it."""
+
+    experience: int = 0
+    experience_iteration: int = 0
+    iteration: int = 0
+
+
+def run(cfg: DictConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) one experiment; returns the summary also written to ``summary.json``."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ClbenchError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"))  # the run's own config
+    elif cfg is None:
+        from clbench.config import load_config
+
+        cfg = load_config()
+    return Engine(cfg, resume_dir=Path(resume) if resume else None).run()
+
+
+class Engine:
+    """One run: stream, model, strategy, evaluator, loggers and the training loop."""
+
+    def __init__(self, cfg: DictConfig, resume_dir: Path | None = None):
+        self.cfg = cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.device = resolve_device(cfg.device)
+        stream = build_stream(component_config(cfg.scenario), seed=cfg.seed, cache_dir=cfg.cache_dir)
+        self.stream = stream.to(self.device) if cfg.train.data_on_device else stream
+        self.model = build_model(component_config(cfg.model), stream.image_shape, stream.num_classes).to(self.device)
+        strategy_entry = STRATEGIES.get(cfg.strategy.name)
+        self.strategy: Strategy = strategy_entry.obj(component_config(cfg.strategy))
+        self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
+                           preprocess=Preprocess(stream.mean, stream.std, cfg.train.augment))
+        self.ctx.class_mask = self.stream.class_mask(0).to(self.device)
+        self.strategy.setup(self.model, self.ctx)
+        self.model.to(self.device)
+        self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval)
+        self.resume_dir = resume_dir
+        self.run_dir = resume_dir or make_run_dir(cfg, stream)
+        self.position = Position()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
+        self._checkpoint: dict[str, Any] | None = None
+        self.status = "running"
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resumed = self.resume_dir is not None
+        if resumed:
+            self._checkpoint = torch.load(self.run_dir / CHECKPOINT, map_location=self.device, weights_only=False)
+            self.position = Position(**self._checkpoint["position"])
+            trim_metrics(self.run_dir, self.position.iteration)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        self.logger = build_logger(cfg.logging, self.run_dir, to_dict(cfg))
+        self.logger.on_run_start(self._run_info(resumed))
+        error: BaseException | None = None
+        try:
+            if self._checkpoint is None and cfg.eval.baseline:
+                self.evaluator.baseline()
+            if self._checkpoint is not None and self.position.experience_iteration == 0:
+                self._restore(self._checkpoint, optimizer=False)
+            for k in range(self.position.experience, len(self.stream)):
+                self._train_experience(k)
+            self.status = "finished"
+        except BaseException as err:  # keep what was logged; say why it stopped
+            error = err
+            self.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            raise
+        finally:
+            summary = self._summary(error)
+            try:
+                self.logger.on_run_end(summary)
+            finally:
+                self.logger.close()
+        return summary
+
+    def _train_experience(self, k: int) -> None:
+        cfg, ctx, stream = self.cfg, self.ctx, self.stream
+        exp = stream[k]
+        ctx.experience = k
+        ctx.class_mask = stream.class_mask(k).to(self.device)
+        train_exps = self.strategy.training_experiences(exp, ctx)
+        sample_idx = torch.cat([e.train_idx for e in train_exps])
+        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)])
+        n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
+        ctx.n_iterations = n_iter
+        self.strategy.before_experience(exp, ctx)
+        if self.optimizer is None or cfg.train.reset_optimizer:
+            self.optimizer = make_optimizer(self.strategy.param_groups(), cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter)
+        if self._checkpoint is not None:
+            if self.position.experience_iteration > 0:  # mid-experience: after the experience's own set-up
+                self._restore(self._checkpoint, optimizer=True)
+            elif not cfg.train.reset_optimizer and self._checkpoint["optimizer"] is not None:
+                self.optimizer.load_state_dict(self._checkpoint["optimizer"])
+        self._checkpoint = None
+        start = self.position.experience_iteration
+        ctx.iteration = self.position.iteration
+        self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
+        if start == 0:
+            self.evaluator.tracker.start_experience(k, ctx.iteration)
+        nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # first bad iteration + 1, on device
+        loss_sum = torch.zeros((), device=self.device)
+        log_every = max(1, cfg.logging.log_every)
+        self.model.train()
+        for it, (idx, which) in enumerate(batch_schedule(sample_idx, sample_exp, cfg, k), start=0):
+            if it < start:
+                continue
+            ctx.experience_iteration = it
+            batch = self._fetch(idx, which, train_exps)
+            loss = self._step(batch)
+            ctx.iteration += 1
+            ctx.experience_iteration = it + 1
+            nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach()), ctx.iteration, nonfinite)
+            loss_sum += loss.detach().float()
+            self.logger.on_iteration(ctx.iteration, it + 1)
+            last = it + 1 == n_iter
+            if (it + 1) % log_every == 0 or last or self.device.type == "cpu":
+                self._check_finite(nonfinite, k)
+            if (it + 1) % log_every == 0 or last:
+                n = (it + 1) % log_every or log_every
+                self.logger.log_metrics({"train/loss": float(loss_sum) / n,
+                                         "train/lr": self.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
+                loss_sum.zero_()
+            if last or (cfg.eval.every > 0 and ctx.iteration % cfg.eval.every == 0):
+                self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
+            if cfg.checkpoint.every > 0 and ctx.iteration % cfg.checkpoint.every == 0 and not last:
+                self._save(Position(k, it + 1, ctx.iteration))
+        self.strategy.after_experience(exp, ctx)
+        metrics = self.evaluator.experience_end(k)
+        self.logger.log_metrics(metrics, ctx.iteration, "experience")
+        self.logger.on_experience_end(k, metrics)
+        self.position = Position(k + 1, 0, ctx.iteration)
+        if cfg.checkpoint.enabled:
+            self._save(self.position)
+
+    def _fetch(self, idx: torch.Tensor, which: torch.Tensor, exps: list) -> Batch:
+        data = self.stream.train
+        sel = idx.to(data.x.device)
+        x = data.x[sel]
+        if any(e.transform is not None for e in exps):
+            x = x.clone()
+            for j, e in enumerate(exps):
+                if e.transform is not None:
+                    rows = (which == j).nonzero().flatten().to(x.device)
+                    if rows.numel():
+                        x[rows] = e.transform(x[rows])
+        task = torch.tensor([e.task_id for e in exps])[which]
+        return Batch(x.to(self.device, non_blocking=True), data.y[sel].to(self.device), task.to(self.device))
+
+    def _step(self, batch: Batch) -> torch.Tensor:
+        cfg, ctx = self.cfg.train, self.ctx
+        full = self.strategy.prepare_batch(batch, ctx)
+        x = ctx.inputs(full.x, train=True)
+        with autocast(cfg.amp, self.device):
+            output = self.strategy.forward(x, full, ctx)
+            loss = self.strategy.loss(output, full, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.strategy.after_step(batch, ctx)
+        return loss
+
+    def _check_finite(self, nonfinite: torch.Tensor, k: int) -> None:
+        bad = int(nonfinite)
+        if bad:
+            experience_start = self.ctx.iteration - self.ctx.experience_iteration
+            raise NonFiniteLossError(
+                f"non-finite training loss at experience {k}, iteration {bad - experience_start} "
+                f"of that experience (global iteration {bad}); strategy '{self.cfg.strategy.name}', lr {self.cfg.train.lr}. "
+                f"Everything logged so far is in {self.run_dir}; lower train.lr, set train.grad_clip, or check the data."
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, position: Position) -> None:
+        state = {
+            "position": vars(position),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "evaluator": self.evaluator.state_dict(),
+            "rng": rng_state(),
+        }
+        tmp = self.run_dir / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / CHECKPOINT)
+
+    def _restore(self, state: dict[str, Any], optimizer: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.evaluator.load_state_dict(state["evaluator"])
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ records
+    def _run_info(self, resumed: bool) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir), "config": to_dict(self.cfg), "seed": self.cfg.seed,
+            "class_order": list(self.stream.class_order), "class_names": list(self.stream.class_names),
+            "experiences": [{"index": e.index, "task_id": e.task_id, "classes": e.classes.tolist(),
+                             "n_train": e.train_idx.numel(), "n_test": e.test_idx.numel(),
+                             "transform": repr(e.transform) if e.transform is not None else None}
+                            for e in self.stream],
+            "protocol": self.stream.protocol, "n_experiences": len(self.stream), "device": str(self.device),
+            "versions": versions(), "resumed": resumed, "started": datetime.now().isoformat(timespec="seconds"),
+        }
+
+    def _summary(self, error: BaseException | None) -> dict[str, Any]:
+        summary = {"status": self.status, "run_dir": str(self.run_dir), "iterations": self.ctx.iteration,
+                   "experiences_done": self.position.experience, **self.evaluator.summary()}
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+        return summary
+
+
+# ---------------------------------------------------------------------- helpers
+def iterations_per_experience(n_samples: int, cfg) -> int:
+    if cfg.iterations is not None:
+        return int(cfg.iterations)
+    return cfg.epochs * math.ceil(n_samples / cfg.batch_size)
+
+
+def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: DictConfig, k: int):
+    """Yields ``(indices, experience-of-each)`` per iteration: seeded reshuffles per epoch,
+    derived from (seed, experience, epoch) so a resumed run sees the same batches."""
+    n, bs = sample_idx.numel(), cfg.train.batch_size
+    total = iterations_per_experience(n, cfg.train)
+    per_epoch = math.ceil(n / bs)
+    done, epoch = 0, 0
+    while done < total:
+        perm = torch.randperm(n, generator=seeded_generator(cfg.seed, 3, k, epoch))
+        for b in range(per_epoch):
+            if done == total:
+                return
+            sel = perm[b * bs:(b + 1) * bs]
+            yield sample_idx[sel], sample_exp[sel]
+            done += 1
+        epoch += 1
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
+    if not any(len(list(g["params"])) for g in groups):
+        raise ClbenchError("the strategy returned no trainable parameters (param_groups() is empty)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ClbenchError(f"unknown train.optimizer '{cfg.optimizer}'; valid: sgd, adam, adamw")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int):
+    if cfg.scheduler == "none" and cfg.warmup_iters == 0:
+        return None
+    if cfg.scheduler not in ("none", "cosine"):
+        raise ClbenchError(f"unknown train.scheduler '{cfg.scheduler}'; valid: none, cosine")
+    warm, cosine = cfg.warmup_iters, cfg.scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        progress = (step - warm) / max(1, n_iter - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ClbenchError(f"unknown train.amp '{amp}'; valid: none, bf16, fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type != "cuda" and amp == "fp16":
+        raise ClbenchError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClbenchError(f"device '{name}' requested but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def make_run_dir(cfg: DictConfig, stream) -> Path:
+    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{stream.name}-{cfg.strategy.name}-s{cfg.seed}"
+    path = Path(cfg.output_dir) / name
+    if path.exists():
+        raise ClbenchError(f"run directory {path} already exists; choose another name= or resume it with --resume {path}")
+    return path
+
+
+def trim_metrics(run_dir: Path, iteration: int) -> None:
+    """Drop records a killed run logged after its last checkpoint (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    import json
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= iteration:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a truncated last line
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    import clbench
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "clbench": clbench.__version__,
+           "numpy": np.__version__}
+    try:
+        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                        cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except Exception:
+        out["git_sha"] = "unknown"
+    return out

@@ -1,0 +1,142 @@
+"""The strategy hook API and the context the engine shares with strategies.
+
+A strategy is a small class whose hooks the engine calls in this order (the engine owns the
+optimiser, AMP, clipping, device and checkpoints; a strategy never steps the optimiser)::
+
+    setup(model, ctx)                      once: keep the model, do model surgery
+    param_groups()                         at each experience: what the optimiser trains
+    training_experiences(exp, ctx)         whose training data this experience iterates over
+    before_experience(exp, ctx)
+    for each iteration:
+        prepare_batch(batch, ctx) -> batch     e.g. replay adds buffer samples
+        forward(x, batch, ctx) -> output       default: model(x)
+        loss(output, batch, ctx) -> Tensor     task loss plus penalties
+        after_step(batch, ctx)                 the incoming batch: buffer update, EMA, ...
+    after_experience(exp, ctx)             Fisher, prototypes, anchors, ...
+    predict(x, task_id) -> scores          the evaluator's only entry point
+    state_dict() / load_state_dict()       everything needed to resume
+
+State flows through the :class:`Context` (read-only for strategies), never through
+attributes another plug-in mutates, so hook order never matters between strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from clbench.transforms import Preprocess
+    from scenarios.base import Experience, Stream
+
+
+@dataclass
+class Batch:
+    """A training batch: raw uint8 images (after the experience's domain transform), labels, task ids."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def cat(self, other: "Batch") -> "Batch":
+        return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]), torch.cat([self.task, other.task]))
+
+
+@dataclass
+class Context:
+    """What a strategy may read about the run; the engine updates it, strategies never write it."""
+
+    stream: "Stream"
+    device: torch.device
+    seed: int
+    preprocess: "Preprocess"
+    experience: int = 0  # index of the experience being trained
+    iteration: int = 0  # global training iterations done so far
+    experience_iteration: int = 0  # iterations done in the current experience
+    n_iterations: int = 0  # iterations of the current experience
+    class_mask: torch.Tensor | None = None  # bool [n_tasks, num_classes] for the current experience (on device)
+
+    def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Model inputs (normalised floats) for uint8 images; augmented when ``train``."""
+        return self.preprocess(x, train=train)
+
+    def batches(self, experiences: Sequence["Experience"], batch_size: int, split: str = "train") -> Iterator[Batch]:
+        """The samples of ``experiences`` in dataset order, as raw batches (no augmentation)."""
+        data = self.stream.train if split == "train" else self.stream.test
+        for exp in experiences:
+            idx = exp.train_idx if split == "train" else exp.test_idx
+            for start in range(0, idx.numel(), batch_size):
+                sel = idx[start:start + batch_size].to(data.x.device)
+                x = data.x[sel]
+                if exp.transform is not None:
+                    x = exp.transform(x)
+                yield Batch(x.to(self.device), data.y[sel].to(self.device),
+                            torch.full((sel.numel(),), exp.task_id, device=self.device))
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's config dataclass (subclasses add the paper's hyper-parameters)."""
+
+    name: str = "finetune"
+
+
+class Strategy:
+    """Base class: plain fine-tuning with cross-entropy over the logits the protocol allows.
+
+    Subclasses override only the hooks they need (see the module docstring).
+    """
+
+    def __init__(self, cfg: StrategyConfig):
+        self.cfg = cfg
+        self.model: nn.Module
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        self.model = model
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def training_experiences(self, exp: "Experience", ctx: Context) -> list["Experience"]:
+        return [exp]
+
+    def before_experience(self, exp: "Experience", ctx: Context) -> None:
+        pass
+
+    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
+        return batch
+
+    def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        return self.model(x)
+
+    def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        return masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
+
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        pass
+
+    def after_experience(self, exp: "Experience", ctx: Context) -> None:
+        pass
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[B, num_classes]`` for model inputs ``x``; the evaluator masks and takes the argmax."""
+        return self.model(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the allowed logits only (``allowed``: bool ``[B, C]``); others get -inf."""
+    return F.cross_entropy(logits.float().masked_fill(~allowed, float("-inf")), y)

@@ -1,0 +1,1 @@
+"""Built-in strategies, one per module; each registers itself with ``@register_strategy``."""
