@@ -72,6 +72,7 @@ class RunConfig:
     name: Optional[str] = None  # run directory name (default: time stamp + scenario + strategy)
     cache_dir: Optional[str] = None  # decoded-dataset cache (default: $CLBENCH_CACHE or ~/.cache/clbench)
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    plugins: List[str] = field(default_factory=list)  # .py files or module names to import (they register components)
     scenario: Any = None
     model: Any = None
     strategy: Any = None
@@ -90,6 +91,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if isinstance(source.get(section), str):
                 source[section] = {"name": source[section]}
     cfg = _merge(OmegaConf.structured(RunConfig), [_without(file_cfg), _without(cli_cfg)], "")
+    cfg.plugins = load_plugins(list(cfg.plugins), base_dir=Path(path).parent if path else Path.cwd())
     for section, (registry, default) in TYPED_SECTIONS.items():
         cfg[section] = typed_section(section, registry, default, file_cfg.get(section), cli_cfg.get(section))
     OmegaConf.resolve(cfg)
@@ -116,6 +118,38 @@ def _same_schema(registry: Registry, other: str, config: type) -> bool:
     e.g. class_incremental -> task_incremental, so that the YAML's keys still apply."""
     old = registry.get(other).config if other in registry else None
     return old is not None and (issubclass(config, old) or issubclass(old, config))
+
+
+def load_plugins(plugins: list[str], base_dir: Path | None = None) -> list[str]:
+    """Import user plug-ins so their ``@register_*`` decorators run: a ``.py`` file path
+    (relative to the working directory, or else to the config file's folder) or a module name.
+    Returns the plug-ins with file paths made absolute (what the run directory records)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    resolved = []
+    for plugin in plugins:
+        if not plugin.endswith(".py"):
+            try:
+                importlib.import_module(plugin)
+            except ImportError as err:
+                raise ClbenchError(f"cannot import plug-in module '{plugin}': {err}") from None
+            resolved.append(plugin)
+            continue
+        candidates = [Path(plugin)] + ([base_dir / plugin] if base_dir is not None else [])
+        file = next((c.resolve() for c in candidates if c.is_file()), None)
+        if file is None:
+            raise ClbenchError(f"plug-in file not found: {plugin} (looked in {', '.join(str(c) for c in candidates)})")
+        resolved.append(str(file))
+        name = f"clbench_plugin_{file.stem}"
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return resolved
 
 
 def to_dict(cfg: DictConfig) -> dict:

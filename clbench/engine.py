@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clbench.config import component_config, config_to_yaml, to_dict
+from clbench.config import component_config, config_to_yaml, load_config, to_dict
 from clbench.evaluation import Evaluator
 from clbench.logging import build_logger
 from clbench.models import build_model
@@ -60,10 +60,8 @@ def run(cfg: DictConfig | None = None, resume: str | Path | None = None) -> dict
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ClbenchError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
-        cfg = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"))  # the run's own config
+        cfg = load_config(run_dir / "config.yaml")  # the run's own config
     elif cfg is None:
-        from clbench.config import load_config
-
         cfg = load_config()
     return Engine(cfg, resume_dir=Path(resume) if resume else None).run()
 
