@@ -114,10 +114,11 @@ def typed_section(section: str, registry: Registry, default: str, file_part: Any
 
 
 def _same_schema(registry: Registry, other: str, config: type) -> bool:
-    """Whether component ``other``'s config class is ``config``'s or derived from it (or vice versa),
-    e.g. class_incremental -> task_incremental, so that the YAML's keys still apply."""
+    """Whether component ``other``'s config has exactly ``config``'s keys (e.g. class_incremental
+    and task_incremental), so that the YAML's keys for it still apply after a switch."""
     old = registry.get(other).config if other in registry else None
-    return old is not None and (issubclass(config, old) or issubclass(old, config))
+    names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
+    return old is not None and names(old) == names(config)
 
 
 def load_plugins(plugins: list[str], base_dir: Path | None = None) -> list[str]:

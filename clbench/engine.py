@@ -17,7 +17,6 @@ import os
 import platform
 import random
 import subprocess
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from clbench.config import component_config, config_to_yaml, load_config, to_dict
 from clbench.evaluation import Evaluator
@@ -108,12 +107,13 @@ class Engine:
         self.logger.on_run_start(self._run_info(resumed))
         error: BaseException | None = None
         try:
-            if self._checkpoint is None and cfg.eval.baseline:
+            if self._checkpoint is None and cfg.eval.baseline and self.stream.protocol != "tta":
                 self.evaluator.baseline()
             if self._checkpoint is not None and self.position.experience_iteration == 0:
                 self._restore(self._checkpoint, optimizer=False)
+            step = self._adapt_experience if self.stream.protocol == "tta" else self._train_experience
             for k in range(self.position.experience, len(self.stream)):
-                self._train_experience(k)
+                step(k)
             self.status = "finished"
         except BaseException as err:  # keep what was logged; say why it stopped
             error = err
@@ -138,9 +138,9 @@ class Engine:
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
         ctx.n_iterations = n_iter
         self.strategy.before_experience(exp, ctx)
-        if self.optimizer is None or cfg.train.reset_optimizer:
+        if n_iter and (self.optimizer is None or cfg.train.reset_optimizer):
             self.optimizer = make_optimizer(self.strategy.param_groups(), cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter) if n_iter else None
         if self._checkpoint is not None:
             if self.position.experience_iteration > 0:  # mid-experience: after the experience's own set-up
                 self._restore(self._checkpoint, optimizer=True)
@@ -180,7 +180,38 @@ class Engine:
             if cfg.checkpoint.every > 0 and ctx.iteration % cfg.checkpoint.every == 0 and not last:
                 self._save(Position(k, it + 1, ctx.iteration))
         self.strategy.after_experience(exp, ctx)
+        if n_iter == 0:  # no gradient steps (e.g. FeTrIL's incremental states): evaluate once, after
+            self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
         metrics = self.evaluator.experience_end(k)
+        self.logger.log_metrics(metrics, ctx.iteration, "experience")
+        self.logger.on_experience_end(k, metrics)
+        self.position = Position(k + 1, 0, ctx.iteration)
+        if cfg.checkpoint.enabled:
+            self._save(self.position)
+
+    def _adapt_experience(self, k: int) -> None:
+        """Test-time adaptation (protocol ``tta``): one pass over domain k's test stream, in the
+        stream's order; the strategy's ``predict`` predicts each batch and then adapts on it
+        (predict-then-adapt), so the score is the online accuracy on data seen once, unlabelled."""
+        cfg, ctx, stream = self.cfg, self.ctx, self.stream
+        exp = stream[k]
+        ctx.experience, ctx.experience_iteration = k, 0
+        ctx.class_mask = stream.class_mask(k).to(self.device)
+        ctx.n_iterations = math.ceil(exp.test_idx.numel() / cfg.train.batch_size)
+        self.strategy.before_experience(exp, ctx)
+        self.logger.on_experience_start(k, len(stream), ctx.n_iterations, exp.classes.tolist())
+        hits = torch.zeros((), device=self.device)
+        total = 0
+        for batch in ctx.batches([exp], cfg.train.batch_size, split="test"):
+            scores = self.strategy.predict(ctx.inputs(batch.x), None)
+            hits += (scores.argmax(1) == batch.y).sum()
+            total += len(batch)
+            ctx.iteration += 1
+            ctx.experience_iteration += 1
+            self.logger.on_iteration(ctx.iteration, ctx.experience_iteration)
+            if ctx.experience_iteration % max(1, cfg.logging.log_every) == 0:
+                self.logger.log_metrics({"tta/running_acc": float(hits) / total}, ctx.iteration, "eval")
+        metrics = self.evaluator.online_result(k, float(hits) / max(total, 1))
         self.logger.log_metrics(metrics, ctx.iteration, "experience")
         self.logger.on_experience_end(k, metrics)
         self.position = Position(k + 1, 0, ctx.iteration)

@@ -32,6 +32,7 @@ class Evaluator:
         self.matrix = AccuracyMatrix(len(stream))
         self.tracker = ContinualTracker(windows=tuple(cfg.windows), recovery_tol=cfg.recovery_tol)
         self.task_given = stream.protocol == "task"
+        self.online: dict[int, float] = {}
         xs, ys, exps = [], [], []
         for exp in stream:
             idx = exp.eval_subset(cfg.subset_size, ctx.seed)
@@ -109,14 +110,28 @@ class Evaluator:
         metrics["exp/avg_acc"] = sum(accs[: experience + 1]) / (experience + 1)
         return metrics
 
+    def online_result(self, experience: int, accuracy: float) -> dict[str, float]:
+        """Record the online (predict-then-adapt) accuracy on a test-time-adaptation domain."""
+        self.online[experience] = accuracy
+        errors = [1 - a for a in self.online.values()]
+        return {f"tta/acc/domain_{experience}": accuracy, f"tta/error/domain_{experience}": 1 - accuracy,
+                "tta/mean_error": sum(errors) / len(errors)}
+
     def summary(self) -> dict[str, Any]:
-        """The run's metrics: matrix-based (ACC, forgetting, BWT, FWT) and continual (min-ACC, ...)."""
+        """The run's metrics: matrix-based (ACC, forgetting, BWT, FWT) and continual (min-ACC, ...),
+        or for test-time adaptation the online error per domain and its mean."""
+        if self.ctx.stream.protocol == "tta":
+            errors = [1 - self.online[k] for k in sorted(self.online)]
+            return {"online_error": errors, "mean_error": sum(errors) / len(errors) if errors else None,
+                    "domains": [self.ctx.stream.info.get("domains", {}).get(k, str(k)) for k in sorted(self.online)]}
         return {**self.matrix.summary(), **self.tracker.summary(), "eval_period": self.cfg.every,
                 "eval_subset_size": self.cfg.subset_size}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"matrix": self.matrix.state_dict(), "tracker": self.tracker.state_dict()}
+        return {"matrix": self.matrix.state_dict(), "tracker": self.tracker.state_dict(),
+                "online": sorted(self.online.items())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.matrix.load_state_dict(state["matrix"])
         self.tracker.load_state_dict(state["tracker"])
+        self.online = dict(state.get("online", []))

@@ -11,7 +11,6 @@ as 0, 1, 2, ... and ``stream.class_order[j]`` is the dataset's original label of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Protocol
 
@@ -19,7 +18,7 @@ import torch
 
 from clbench.data.types import ImageDataset, ImageSplit
 
-Protocol_ = Literal["class", "task", "domain"]
+Protocol_ = Literal["class", "task", "domain", "tta"]
 
 
 class InputTransform(Protocol):
@@ -101,7 +100,9 @@ class Stream:
     ``protocol`` says what the model is told and predicts over (van de Ven et al. 2022):
     ``class``: no task id, one head over all classes seen so far; ``task``: the task id is
     given and predictions are restricted to that task's classes; ``domain``: no task id, the
-    same label space in every experience.
+    same label space in every experience; ``tta``: test-time adaptation, a sequence of
+    unlabelled test domains over one label space (no training data; the engine streams each
+    domain's test set once through ``predict``).
     """
 
     name: str
@@ -142,7 +143,7 @@ class Stream:
         domain-IL: all classes.
         """
         mask = torch.zeros(self.n_tasks, self.num_classes, dtype=torch.bool)
-        if self.protocol == "domain":
+        if self.protocol in ("domain", "tta"):
             mask[:] = True
         elif self.protocol == "task":
             for e in self.experiences:
@@ -223,7 +224,3 @@ def remap_labels(dataset: ImageDataset, class_order: torch.Tensor) -> tuple[Imag
         return ImageSplit(split.x[keep], lookup[split.y[keep]])
 
     return remap(dataset.train), remap(dataset.test)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -6,7 +6,6 @@ reservoir (:class:`clbench.buffers.ReservoirBuffer`)."""
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 
 from clbench.buffers import ReservoirBuffer
 from clbench.registry import register_strategy

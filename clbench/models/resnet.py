@@ -1,54 +1,14 @@
-"""Models: a backbone producing features plus a linear head over all classes of the stream.
-
-Every model is a :class:`Classifier`, so strategies can reach ``model.backbone``,
-``model.head`` and ``model.features(x)`` the same way (EWC excludes the head, FeTrIL and
-SLCA work on features).  Builders are registered by name with a typed config.
-"""
+"""ResNets: ResNet-18 with a CIFAR-style stem (full or reduced width)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from clbench.models import Classifier
 from clbench.registry import register_model
-
-
-class Classifier(nn.Module):
-    """``head(backbone(x))``; ``backbone`` maps an input batch to ``[B, feature_dim]`` features."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.feature_dim = feature_dim
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-@dataclass
-class MLPConfig:
-    name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [400, 400])  # van de Ven et al. 2022: 2 x 400 for MNIST
-    dropout: float = 0.0
-
-
-@register_model("mlp", config=MLPConfig, description="Fully connected ReLU network on flattened pixels")
-def mlp(cfg: MLPConfig, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = input_shape[0] * input_shape[1] * input_shape[2]
-    for h in cfg.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        if cfg.dropout:
-            layers.append(nn.Dropout(cfg.dropout))
-        width = h
-    return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
 class _BasicBlock(nn.Module):
@@ -95,10 +55,3 @@ class ResNet18Config:
 def resnet18(cfg: ResNet18Config, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
     backbone = ResNet18Backbone(input_shape[0], cfg.nf)
     return Classifier(backbone, backbone.out_dim, num_classes)
-
-
-def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
-    """Build the model described by a model config section (``cfg.name`` picks the builder)."""
-    from clbench.registry import MODELS
-
-    return MODELS.get(cfg.name).obj(cfg, input_shape, num_classes)
