@@ -190,21 +190,34 @@ class Engine:
             self._save(self.position)
 
     def _adapt_experience(self, k: int) -> None:
-        """Test-time adaptation (protocol ``tta``): one pass over domain k's test stream, in the
-        stream's order; the strategy's ``predict`` predicts each batch and then adapts on it
-        (predict-then-adapt), so the score is the online accuracy on data seen once, unlabelled."""
+        """Test-time adaptation (protocol ``tta``): one pass over domain k's test stream in the
+        stream's order.  Per batch: ``forward`` returns the predictions (made with the current
+        weights), ``loss`` the unsupervised adaptation loss (None: no update), the engine steps
+        the optimiser, then ``after_step`` (EMA teacher, stochastic restore, ...).  Labels are
+        hidden from the strategy (-1) and used only to score the predictions: online accuracy."""
         cfg, ctx, stream = self.cfg, self.ctx, self.stream
         exp = stream[k]
         ctx.experience, ctx.experience_iteration = k, 0
         ctx.class_mask = stream.class_mask(k).to(self.device)
         ctx.n_iterations = math.ceil(exp.test_idx.numel() / cfg.train.batch_size)
         self.strategy.before_experience(exp, ctx)
+        groups = [g for g in self.strategy.param_groups() if list(g["params"])]
+        if groups and (self.optimizer is None or cfg.train.reset_optimizer):
+            self.optimizer = make_optimizer(groups, cfg.train)
         self.logger.on_experience_start(k, len(stream), ctx.n_iterations, exp.classes.tolist())
         hits = torch.zeros((), device=self.device)
         total = 0
-        for batch in ctx.batches([exp], cfg.train.batch_size, split="test"):
-            scores = self.strategy.predict(ctx.inputs(batch.x), None)
-            hits += (scores.argmax(1) == batch.y).sum()
+        for labelled in ctx.batches([exp], cfg.train.batch_size, split="test"):
+            batch = Batch(labelled.x, torch.full_like(labelled.y, -1), labelled.task)
+            with autocast(cfg.train.amp, self.device):
+                scores = self.strategy.forward(ctx.inputs(batch.x), batch, ctx)
+                loss = self.strategy.loss(scores, batch, ctx)
+            if loss is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            self.strategy.after_step(batch, ctx)
+            hits += (scores.detach().argmax(1) == labelled.y).sum()
             total += len(batch)
             ctx.iteration += 1
             ctx.experience_iteration += 1
