@@ -54,7 +54,7 @@ class EvalConfig:
     subset_size: int = 1000  # fixed, seeded test subset per task for periodic evaluation (0: all)
     batch_size: int = 2048
     windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
-    recovery_tol: float = 0.0  # stability gap: recovered when acc >= pre-boundary acc - tol
+    recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
 
 
