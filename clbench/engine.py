@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from clbench.config import component_config, config_to_yaml, load_config, to_dict
+from clbench.config import RunConfig, config_to_yaml, load_config, to_dict
 from clbench.evaluation import Evaluator
 from clbench.logging import build_logger
 from clbench.models import build_model
@@ -69,16 +69,18 @@ class Engine:
     """One run: stream, model, strategy, evaluator, loggers and the training loop."""
 
     def __init__(self, cfg: DictConfig, resume_dir: Path | None = None):
-        self.cfg = cfg
+        self.config = cfg  # the DictConfig, for the run directory
+        self.cfg = cfg = OmegaConf.to_object(cfg)  # plain dataclasses: cheap attribute reads in the loops
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = resolve_device(cfg.device)
-        stream = build_stream(component_config(cfg.scenario), seed=cfg.seed, cache_dir=cfg.cache_dir)
+        stream = build_stream(cfg.scenario, seed=cfg.seed, cache_dir=cfg.cache_dir)
         self.stream = stream.to(self.device) if cfg.train.data_on_device else stream
-        self.model = build_model(component_config(cfg.model), stream.image_shape, stream.num_classes).to(self.device)
+        self.model = build_model(cfg.model, stream.image_shape, stream.num_classes).to(self.device)
         strategy_entry = STRATEGIES.get(cfg.strategy.name)
-        self.strategy: Strategy = strategy_entry.obj(component_config(cfg.strategy))
+        self.strategy: Strategy = strategy_entry.obj(cfg.strategy)
+        mean, std = getattr(self.model, "input_stats", None) or (stream.mean, stream.std)
         self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
-                           preprocess=Preprocess(stream.mean, stream.std, cfg.train.augment))
+                           preprocess=Preprocess(mean, std, cfg.train.augment))
         self.ctx.class_mask = self.stream.class_mask(0).to(self.device)
         self.strategy.setup(self.model, self.ctx)
         self.model.to(self.device)
@@ -102,8 +104,8 @@ class Engine:
             trim_metrics(self.run_dir, self.position.iteration)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=False)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        self.logger = build_logger(cfg.logging, self.run_dir, to_dict(cfg))
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+        self.logger = build_logger(cfg.logging, self.run_dir, to_dict(self.config))
         self.logger.on_run_start(self._run_info(resumed))
         error: BaseException | None = None
         try:
@@ -133,8 +135,9 @@ class Engine:
         ctx.experience = k
         ctx.class_mask = stream.class_mask(k).to(self.device)
         train_exps = self.strategy.training_experiences(exp, ctx)
-        sample_idx = torch.cat([e.train_idx for e in train_exps])
-        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)])
+        sample_idx = torch.cat([e.train_idx for e in train_exps] + [torch.zeros(0, dtype=torch.long)])
+        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)]
+                               + [torch.zeros(0, dtype=torch.long)])
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
         ctx.n_iterations = n_iter
         self.strategy.before_experience(exp, ctx)
@@ -155,6 +158,7 @@ class Engine:
         nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # first bad iteration + 1, on device
         loss_sum = torch.zeros((), device=self.device)
         log_every = max(1, cfg.logging.log_every)
+        eval_every, checkpoint_every, on_cpu = cfg.eval.every, cfg.checkpoint.every, self.device.type == "cpu"
         self.model.train()
         for it, (idx, which) in enumerate(batch_schedule(sample_idx, sample_exp, cfg, k), start=0):
             if it < start:
@@ -168,16 +172,16 @@ class Engine:
             loss_sum += loss.detach().float()
             self.logger.on_iteration(ctx.iteration, it + 1)
             last = it + 1 == n_iter
-            if (it + 1) % log_every == 0 or last or self.device.type == "cpu":
+            if (it + 1) % log_every == 0 or last or on_cpu:
                 self._check_finite(nonfinite, k)
             if (it + 1) % log_every == 0 or last:
                 n = (it + 1) % log_every or log_every
                 self.logger.log_metrics({"train/loss": float(loss_sum) / n,
                                          "train/lr": self.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
                 loss_sum.zero_()
-            if last or (cfg.eval.every > 0 and ctx.iteration % cfg.eval.every == 0):
+            if last or (eval_every > 0 and ctx.iteration % eval_every == 0):
                 self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
-            if cfg.checkpoint.every > 0 and ctx.iteration % cfg.checkpoint.every == 0 and not last:
+            if checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0 and not last:
                 self._save(Position(k, it + 1, ctx.iteration))
         self.strategy.after_experience(exp, ctx)
         if n_iter == 0:  # no gradient steps (e.g. FeTrIL's incremental states): evaluate once, after
@@ -304,7 +308,7 @@ class Engine:
     # ------------------------------------------------------------------ records
     def _run_info(self, resumed: bool) -> dict[str, Any]:
         return {
-            "run_dir": str(self.run_dir), "config": to_dict(self.cfg), "seed": self.cfg.seed,
+            "run_dir": str(self.run_dir), "config": to_dict(self.config), "seed": self.cfg.seed,
             "class_order": list(self.stream.class_order), "class_names": list(self.stream.class_names),
             "experiences": [{"index": e.index, "task_id": e.task_id, "classes": e.classes.tolist(),
                              "n_train": e.train_idx.numel(), "n_test": e.test_idx.numel(),
@@ -324,12 +328,15 @@ class Engine:
 
 # ---------------------------------------------------------------------- helpers
 def iterations_per_experience(n_samples: int, cfg) -> int:
+    """Gradient steps for an experience; 0 when the strategy trains on no samples (e.g. FeTrIL)."""
+    if n_samples == 0:
+        return 0
     if cfg.iterations is not None:
         return int(cfg.iterations)
     return cfg.epochs * math.ceil(n_samples / cfg.batch_size)
 
 
-def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: DictConfig, k: int):
+def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: RunConfig, k: int):
     """Yields ``(indices, experience-of-each)`` per iteration: seeded reshuffles per epoch,
     derived from (seed, experience, epoch) so a resumed run sees the same batches."""
     n, bs = sample_idx.numel(), cfg.train.batch_size
@@ -421,7 +428,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def make_run_dir(cfg: DictConfig, stream) -> Path:
+def make_run_dir(cfg: RunConfig, stream) -> Path:
     name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{stream.name}-{cfg.strategy.name}-s{cfg.seed}"
     path = Path(cfg.output_dir) / name
     if path.exists():

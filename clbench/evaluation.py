@@ -2,8 +2,9 @@
 experience ends, and the continual metrics (:mod:`clbench.metrics`) computed from both.
 
 Periodic evaluation (every ``eval.every`` iterations) runs on a fixed, seeded subset of each
-seen task's test data (De Lange et al. 2023), preprocessed once and held on the device as one
-tensor, in large batches under ``torch.inference_mode``; per-task accuracies are reduced on
+seen task's test data (De Lange et al. 2023), gathered once and held on the device as one
+uint8 tensor (normalised batch by batch: the floats of every subset may not fit), in large
+batches under ``torch.inference_mode``; per-task accuracies are reduced on
 the device and read back with a single transfer.  It asks the strategy only for ``predict``.
 """
 
@@ -32,6 +33,7 @@ class Evaluator:
         self.matrix = AccuracyMatrix(len(stream))
         self.tracker = ContinualTracker(windows=tuple(cfg.windows), recovery_tol=cfg.recovery_tol)
         self.task_given = stream.protocol == "task"
+        self.batch_size = cfg.batch_size or (256 if ctx.device.type == "cpu" else 2048)
         self.online: dict[int, float] = {}
         xs, ys, exps = [], [], []
         for exp in stream:
@@ -62,7 +64,7 @@ class Evaluator:
         accs = []
         for exp in self.ctx.stream:
             hits = total = 0
-            for batch in self.ctx.batches([exp], self.cfg.batch_size, split="test"):
+            for batch in self.ctx.batches([exp], self.batch_size, split="test"):
                 hits += self._correct(batch.x, batch.y, batch.task).sum()
                 total += len(batch)
             accs.append(float(hits) / max(total, 1))
@@ -76,12 +78,13 @@ class Evaluator:
         try:
             out = []
             with torch.inference_mode():
-                for s in range(0, y.numel(), self.cfg.batch_size):
-                    xb = self.ctx.inputs(x_uint8[s:s + self.cfg.batch_size])
-                    tb = task[s:s + self.cfg.batch_size]
+                bs = self.batch_size
+                for s in range(0, y.numel(), bs):
+                    xb = self.ctx.inputs(x_uint8[s:s + bs])
+                    tb = task[s:s + bs]
                     scores = self.strategy.predict(xb, tb if self.task_given else None).float()
                     scores = scores.masked_fill(~mask[tb], float("-inf"))
-                    out.append(scores.argmax(1) == y[s:s + self.cfg.batch_size])
+                    out.append(scores.argmax(1) == y[s:s + bs])
         finally:
             model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
