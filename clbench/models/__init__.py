@@ -13,13 +13,18 @@ from torch import nn
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))``; ``backbone`` maps an input batch to ``[B, feature_dim]`` features."""
+    """``head(backbone(x))``; ``backbone`` maps an input batch to ``[B, feature_dim]`` features.
+
+    ``input_stats``: the ``(mean, std)`` input normalisation that pretrained weights expect; the
+    engine uses it instead of the dataset's statistics when it is set.
+    """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, num_classes)
+        self.input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

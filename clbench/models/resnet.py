@@ -1,4 +1,4 @@
-"""ResNets: ResNet-18 with a CIFAR-style stem (full or reduced width)."""
+"""ResNets: ResNet-18 with a CIFAR-style stem (default) or the standard ImageNet stem, full or reduced width."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from clbench.models import Classifier
-from clbench.registry import register_model
+from clbench.registry import ClbenchError, register_model
 
 
 class _BasicBlock(nn.Module):
@@ -27,13 +27,27 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18Backbone(nn.Module):
-    """ResNet-18 with a 3x3 stem and no max-pool (CIFAR style); ``nf`` sets the widths
-    (nf, 2nf, 4nf, 8nf).  ``nf=20`` is the *reduced* ResNet-18 of Lopez-Paz & Ranzato (GEM, 2017)."""
+STEMS = ("cifar", "imagenet")
 
-    def __init__(self, in_channels: int, nf: int):
+
+class ResNet18Backbone(nn.Module):
+    """ResNet-18; ``nf`` sets the widths (nf, 2nf, 4nf, 8nf).  ``nf=20`` is the *reduced*
+    ResNet-18 of Lopez-Paz & Ranzato (GEM, 2017), ``nf=64`` the standard one.
+
+    ``stem="cifar"``: a 3x3 stride-1 convolution and no max-pool (32 px inputs keep their
+    resolution).  ``stem="imagenet"``: the standard stem of He et al. 2016 / torchvision, a 7x7
+    stride-2 convolution then a 3x3 stride-2 max-pool (a 64 px Tiny-ImageNet image reaches the
+    residual stages at 16 px, the last stage at 2 px)."""
+
+    def __init__(self, in_channels: int, nf: int, stem: str = "cifar"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+        if stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+        elif stem == "imagenet":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, nf, 7, 2, 3, bias=False), nn.BatchNorm2d(nf), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            raise ValueError(f"unknown ResNet stem '{stem}'; valid: {', '.join(STEMS)}")
         widths, blocks, cin = [nf, 2 * nf, 4 * nf, 8 * nf], [], nf
         for i, w in enumerate(widths):
             blocks += [_BasicBlock(cin, w, 1 if i == 0 else 2), _BasicBlock(w, w, 1)]
@@ -49,9 +63,13 @@ class ResNet18Backbone(nn.Module):
 class ResNet18Config:
     name: str = "resnet18"
     nf: int = 20  # 20 = reduced ResNet-18 (GEM); 64 = the standard widths
+    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool (32 px) | imagenet: 7x7/2 conv + 3x3/2 max-pool (64 px and up)
 
 
-@register_model("resnet18", config=ResNet18Config, description="ResNet-18, CIFAR stem; nf=20 is the reduced variant")
+@register_model("resnet18", config=ResNet18Config,
+                description="ResNet-18, CIFAR (default) or ImageNet stem; nf=20 is the reduced variant")
 def resnet18(cfg: ResNet18Config, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
-    backbone = ResNet18Backbone(input_shape[0], cfg.nf)
+    if cfg.stem not in STEMS:
+        raise ClbenchError(f"model.stem must be one of {', '.join(STEMS)}, got '{cfg.stem}'")
+    backbone = ResNet18Backbone(input_shape[0], cfg.nf, cfg.stem)
     return Classifier(backbone, backbone.out_dim, num_classes)

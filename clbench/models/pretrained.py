@@ -1,0 +1,140 @@
+"""Pretrained backbones: any timm model by name, with weights from timm's hub or a local file.
+
+``model: {name: timm, arch: vit_base_patch16_224, pretrained: true}`` downloads timm's weights
+(for users who can); ``checkpoint: PATH`` loads a local file instead (``.safetensors``, or a
+torch file read with ``weights_only=True``; a ``state_dict``/``model`` wrapper is unwrapped).
+Weights are never silently replaced by a random initialisation: without ``checkpoint`` a
+``pretrained: true`` model whose download fails stops with an error that says what to do, and
+a random backbone must be asked for with ``pretrained: false``.
+
+The classification head of the checkpoint is dropped (``head_prefixes``): a :class:`Classifier`
+puts its own head over the stream's classes on the backbone's pooled features
+(``forward_head(..., pre_logits=True)``, the [CLS] token for a ViT).  The input normalisation
+the weights expect (``normalize``) overrides the dataset statistics in the engine.
+
+The offline weights of this project are registered as ``vit_tiny_patch8_64`` (the ViT-Tiny/8 at
+64 px of ``shared/data/weights/vit-tiny-tinyimagenet100``: timm's ``VisionTransformer`` with
+``img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3``) and are loaded with
+``arch: vit_tiny_patch8_64, checkpoint: .../vit_tiny_p8_64_tin100.safetensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from clbench.models import Classifier
+from clbench.registry import ClbenchError, register_model
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "dataset": None,  # the stream's own per-channel statistics
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # inputs in [-1, 1] (EfficientNet-Lite, ViT-21k)
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # inputs in [0, 1]
+}
+
+# Architectures timm does not name; the values are create_model kwargs over a base architecture.
+CUSTOM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_tiny_patch8_64": ("vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8}),
+}
+
+
+@dataclass
+class TimmConfig:
+    name: str = "timm"
+    arch: str = "vit_tiny_patch8_64"  # a timm model name (or one of CUSTOM_ARCHS)
+    pretrained: bool = True  # load weights (checkpoint if given, else timm's hub); false = random init, on purpose
+    checkpoint: Optional[str] = None  # local .safetensors / torch state dict
+    normalize: str = "imagenet"  # input normalisation the weights expect: dataset | imagenet | inception | none
+    head_prefixes: List[str] = field(default_factory=lambda: ["head.", "fc.", "classifier."])  # dropped from checkpoints
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (drop_path_rate, ...)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only=True``), as float32 tensors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClbenchError(f"model checkpoint not found: {path} (expected a .safetensors or torch state-dict file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise ClbenchError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def create_timm_backbone(cfg: TimmConfig) -> nn.Module:
+    """The timm model of ``cfg`` with its classification head removed (``num_classes=0``) and its weights loaded."""
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ClbenchError("model 'timm' needs the timm package: pip install timm") from e
+    arch, kwargs = CUSTOM_ARCHS.get(cfg.arch, (cfg.arch, {}))
+    kwargs = {**kwargs, **dict(cfg.kwargs)}
+    if arch not in timm.list_models() and arch not in CUSTOM_ARCHS:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.arch, timm.list_models() + list(CUSTOM_ARCHS), n=3)
+        raise ClbenchError(f"unknown timm architecture '{cfg.arch}'" + (f"; closest: {', '.join(close)}" if close else ""))
+    hub = cfg.pretrained and cfg.checkpoint is None
+    if hub and cfg.arch in CUSTOM_ARCHS:
+        raise ClbenchError(f"'{cfg.arch}' has no weights on timm's hub: give the local file with model.checkpoint=PATH "
+                           "(e.g. shared/data/weights/vit-tiny-tinyimagenet100/vit_tiny_p8_64_tin100.safetensors), "
+                           "or ask for a random init with model.pretrained=false")
+    try:
+        model = timm.create_model(arch, pretrained=hub, num_classes=0, **kwargs)
+    except Exception as e:
+        if not hub:
+            raise
+        raise ClbenchError(
+            f"could not fetch timm's pretrained weights for '{cfg.arch}' ({type(e).__name__}: {e}). "
+            "Give a local file with model.checkpoint=PATH, or train from a random init with model.pretrained=false"
+        ) from e
+    if cfg.checkpoint is not None:
+        if not cfg.pretrained:
+            raise ClbenchError("model.checkpoint is set but model.pretrained=false; drop one of them")
+        state = {k: v for k, v in load_state_dict_file(cfg.checkpoint).items()
+                 if not any(k.startswith(p) for p in cfg.head_prefixes)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ClbenchError(f"checkpoint {cfg.checkpoint} does not fit timm '{cfg.arch}' {kwargs}: "
+                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    return model
+
+
+class TimmBackbone(nn.Module):
+    """Pooled pre-logit features of a timm model; ``model`` keeps timm's own modules (``blocks``,
+    ``patch_embed``, ...) so that prompt methods can run their own forward through them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+@register_model("timm", config=TimmConfig,
+                description="Any timm model by name (pretrained from the hub or a local checkpoint), new linear head")
+def timm_model(cfg: TimmConfig, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
+    if cfg.normalize not in NORMALIZATIONS:
+        raise ClbenchError(f"model.normalize '{cfg.normalize}' is not one of {', '.join(NORMALIZATIONS)}")
+    backbone = TimmBackbone(create_timm_backbone(cfg))
+    model = Classifier(backbone, backbone.feature_dim, num_classes)
+    model.input_stats = NORMALIZATIONS[cfg.normalize]
+    return model
