@@ -1,0 +1,307 @@
+"""AdaB2N (clbench/norms.py) and the base methods it is evaluated with (strategies/er_ace.py,
+strategies/der.py): statistics against a hand computation, equality with BatchNorm2d, the
+swap, ER-ACE's masks, DER++'s stored logits, and tiny online runs through the engine."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clbench.config import component_config, load_config
+from clbench.engine import Engine
+from clbench.models import build_model
+from clbench.norms import AdaB2N, adab2n_layers, sample_tasks, statistics_loss, swap_batchnorm
+from clbench.strategy import Batch, Context
+from clbench.transforms import Preprocess
+from scenarios import build_stream
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny models are overhead-bound: one thread is faster, and robust to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def _hand_stats(x: torch.Tensor, a: list[float]) -> tuple[list[float], list[float]]:
+    """Weighted mean and biased variance per channel, by explicit loops over the values."""
+    b, c, h, w = x.shape
+    means, variances = [], []
+    for ch in range(c):
+        mu = sum(a[i] * sum(x[i, ch].flatten().tolist()) / (h * w) for i in range(b))
+        var = sum(a[i] * sum((v - mu) ** 2 for v in x[i, ch].flatten().tolist()) / (h * w) for i in range(b))
+        means.append(mu)
+        variances.append(var)
+    return means, variances
+
+
+def test_statistics_and_running_update_match_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 1, 3, generator=g) * 2 + 1  # B=4, C=2, HW=3
+    task = torch.tensor([0, 0, 0, 1])
+    layer = AdaB2N(2, num_tasks=3, kappa=0.5, momentum=0.1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, 0.5]))
+        layer.bias.copy_(torch.tensor([0.2, -0.3]))
+        layer.task_weight.copy_(torch.tensor([0.0, math.log(2.0), 5.0]))  # alpha = (1, 2, e^5); task 2 absent
+    # posterior over the present tasks: (1 + 3, 2 + 1) / 7 -> per sample (4/7)/3 for task 0, 3/7 for task 1
+    a = [4 / 21, 4 / 21, 4 / 21, 3 / 7]
+    mu, var = _hand_stats(x, a)
+    with sample_tasks(layer, task, current_task=1):
+        torch.testing.assert_close(layer.sample_weights(4, x.device), torch.tensor(a))
+        out = layer(x)
+    expected = torch.empty_like(x)
+    for ch in range(2):
+        expected[:, ch] = (x[:, ch] - mu[ch]) / math.sqrt(var[ch] + layer.eps) * layer.weight[ch] + layer.bias[ch]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    eta1 = 0.1 ** 0.5
+    corr = 1 / (1 - sum(ai * ai for ai in a) / 3)  # unbiased for weights a_i / HW per value
+    run_mean = [eta1 * m for m in mu]
+    run_var = [(1 - eta1) * 1.0 + eta1 * v * corr for v in var]
+    torch.testing.assert_close(layer.running_mean, torch.tensor(run_mean), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, torch.tensor(run_var), rtol=1e-5, atol=1e-6)
+    reg = sum((m - r) ** 2 for m, r in zip(mu, run_mean)) / 2 + sum((v * corr - r) ** 2 for v, r in zip(var, run_var)) / 2
+    assert float(statistics_loss(layer).detach()) == pytest.approx(reg, rel=1e-4)
+    assert statistics_loss(layer) is None  # consumed
+
+    # second step: eta_2 = eta_1 / (eta_1 + (1 - m)^kappa)
+    x2 = torch.randn(4, 2, 1, 3, generator=g)
+    with sample_tasks(layer, task, current_task=1):
+        layer(x2)
+    eta2 = eta1 / (eta1 + 0.9 ** 0.5)
+    assert float(layer.eta) == pytest.approx(eta2, rel=1e-12)
+    mu2, _ = _hand_stats(x2, a)
+    torch.testing.assert_close(layer.running_mean, torch.tensor([(1 - eta2) * r + eta2 * m for r, m in zip(run_mean, mu2)]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_released_variant_keeps_absent_tasks_mass_and_biased_variance():
+    x = torch.arange(12.0).view(4, 1, 1, 3)
+    task = torch.tensor([0, 0, 1, 1])
+    layer = AdaB2N(1, num_tasks=3, kappa=1.0, variant="released")
+    with sample_tasks(layer, task, current_task=2):  # task 2 is seen so far but absent from the batch
+        weights = layer.sample_weights(4, x.device)
+        layer(x)
+    # concentration (1 + 2, 1 + 2, 1 + 0) / 7: the samples' weights sum to 6/7, not 1
+    torch.testing.assert_close(weights, torch.full((4,), 3 / 14))
+    mu, var = _hand_stats(x, weights.tolist())
+    torch.testing.assert_close(layer.running_mean, torch.tensor([0.1 * mu[0]]))
+    torch.testing.assert_close(layer.running_var, torch.tensor([0.9 + 0.1 * var[0]]))  # no Bessel factor
+    paper = AdaB2N(1, num_tasks=3, kappa=1.0)
+    with sample_tasks(paper, task, current_task=2):
+        torch.testing.assert_close(paper.sample_weights(4, x.device), torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("kappa,expected", [(1.0, lambda t: 0.1), (0.0, lambda t: 1.0 / t)])
+def test_momentum_limits(kappa, expected):
+    layer = AdaB2N(1, num_tasks=1, kappa=kappa)
+    for t in range(1, 6):
+        layer(torch.randn(3, 1, 2, 2))
+        assert float(layer.eta) == pytest.approx(expected(t), rel=1e-12)
+
+
+@pytest.mark.parametrize("with_tasks", [True, False])
+def test_equals_batchnorm_when_kappa_is_1_and_tasks_are_balanced(with_tasks):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    ada = AdaB2N.from_batchnorm(copy.deepcopy(bn), num_tasks=4, kappa=1.0)
+    task = torch.tensor([0, 0, 1, 1, 2, 2])  # balanced; equal task weights (init 0)
+    for _ in range(3):
+        x = (torch.randn(6, 3, 4, 5) * 2 + 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        ref = bn(x)
+        with sample_tasks(ada, task if with_tasks else None, current_task=2):
+            out = ada(x2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        upstream = torch.randn_like(ref)
+        ref.backward(upstream)
+        out.backward(upstream)
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ada.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ada.running_mean, bn.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ada.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
+    assert int(ada.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    bn.eval(), ada.eval()
+    x = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(ada(x), bn(x))
+    # and imbalanced tasks do change the statistics
+    ada.train()
+    with sample_tasks(ada, torch.tensor([0, 0, 0, 0, 0, 1]), current_task=1):
+        out = ada(torch.randn(6, 3, 4, 5))
+    assert ada.task_weight.requires_grad and out.requires_grad
+
+
+def test_swap_replaces_every_batchnorm_and_keeps_parameters():
+    torch.manual_seed(0)
+    model = build_model(component_config(load_config(None, ["model=resnet18", "model.nf=4"]).model), (3, 8, 8), 10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(5, 3, 8, 8)
+    model.eval()
+    ref = model(x)
+    assert swap_batchnorm(model, num_tasks=5, kappa=0.4) == n_bn == 20
+    assert not [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    assert len(adab2n_layers(model)) == n_bn
+    after = model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, msg=k)
+    assert {k for k in after if k not in before} == {k for k in after if k.endswith(("task_weight", "eta"))}
+    assert sum(k.endswith("task_weight") for k in after) == n_bn  # trained by the optimiser: parameters
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(n.endswith("task_weight") for n in names) == n_bn
+    torch.testing.assert_close(model(x), ref)  # evaluation: the same running statistics
+    assert swap_batchnorm(model, num_tasks=5) == 0  # idempotent
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _ctx(n_tasks: int = 2) -> Context:
+    stream = build_stream(component_config(load_config(None, [f"scenario.n_tasks={n_tasks}"]).scenario), seed=0)
+    ctx = Context(stream=stream, device=torch.device("cpu"), seed=0, preprocess=Preprocess(stream.mean, stream.std))
+    ctx.class_mask = stream.class_mask(0)
+    return ctx
+
+
+def _batch(ctx: Context, classes: list[int], n: int, experience: int) -> Batch:
+    data = ctx.stream.train
+    idx = torch.cat([(data.y == c).nonzero().flatten()[:n] for c in classes])
+    return Batch(data.x[idx], data.y[idx], torch.full((idx.numel(),), ctx.stream[experience].task_id))
+
+
+def _strategy(name: str, ctx: Context, *overrides: str):
+    from clbench.registry import STRATEGIES
+
+    cfg = component_config(load_config(None, [f"strategy={name}", *overrides]).strategy)
+    strategy = STRATEGIES.get(name).obj(cfg)
+    torch.manual_seed(0)
+    model = build_model(component_config(load_config(None, ["model=resnet18", "model.nf=4"]).model),
+                        ctx.stream.image_shape, ctx.stream.num_classes)
+    strategy.setup(model, ctx)
+    return strategy
+
+
+def _step(strategy, batch: Batch, ctx: Context):
+    full = strategy.prepare_batch(batch, ctx)
+    out = strategy.forward(ctx.inputs(full.x), full, ctx)
+    out.retain_grad()
+    loss = strategy.loss(out, full, ctx)
+    strategy.model.zero_grad()
+    loss.backward()
+    return full, out, loss
+
+
+@pytest.mark.parametrize("norm", ["bn", "adab2n"])
+def test_er_ace_incoming_gradient_never_reaches_absent_classes(norm):
+    ctx = _ctx()  # 2 experiences x 5 classes
+    strategy = _strategy("er_ace", ctx, f"strategy.norm={norm}")
+    incoming = _batch(ctx, [0, 1], 4, experience=0)  # classes 2..4 seen (allowed) but absent
+    full, out, _ = _step(strategy, incoming, ctx)
+    assert len(full) == len(incoming)  # empty buffer: no replay yet
+    grad = strategy.model.head.weight.grad.abs().sum(1)
+    assert (grad[[0, 1]] > 0).all() and (grad[2:] == 0).all()
+    strategy.after_step(incoming, ctx)
+
+    ctx.experience, ctx.class_mask = 1, ctx.stream.class_mask(1)
+    incoming = _batch(ctx, [5, 6], 3, experience=1)
+    full, out, _ = _step(strategy, incoming, ctx)
+    n = len(incoming)
+    assert len(full) == 2 * n and set(full.y[n:].tolist()) <= {0, 1}
+    g = out.grad
+    assert (g[:n][:, [5, 6]].abs().sum(0) > 0).all()
+    assert (g[:n][:, [0, 1, 2, 3, 4, 7, 8, 9]] == 0).all()  # incoming rows: only present classes
+    assert (g[n:][:, [2, 7]].abs().sum(0) > 0).all()  # buffer rows: every seen class
+    terms = strategy.last_terms
+    assert set(terms) == ({"ce_incoming", "ce_buffer", "norm"} if norm == "adab2n" else {"ce_incoming", "ce_buffer"})
+
+
+def test_er_ace_released_masks_unmask_unseen_classes():
+    ctx = _ctx()
+    strategy = _strategy("er_ace", ctx, "strategy.unseen_logits=true")
+    _, out, _ = _step(strategy, _batch(ctx, [0, 1], 4, experience=0), ctx)
+    g = out.grad.abs().sum(0)
+    assert (g[[0, 1]] > 0).all() and (g[2:] > 0).all()  # mask[:, seen.max():] = 1 opens 1..9
+
+
+@pytest.mark.parametrize("norm", ["bn", "adab2n"])
+def test_derpp_stores_insertion_logits_and_alpha_term_is_zero_right_after(norm):
+    ctx = _ctx()
+    strategy = _strategy("derpp", ctx, f"strategy.norm={norm}", "strategy.buffer_size=100",
+                         "strategy.replay_batch_size=6")
+    strategy.model.eval()  # batch-independent forward, so "same model" means "same logits"
+    first = _batch(ctx, [0, 1, 2], 2, experience=0)
+    full, out, _ = _step(strategy, first, ctx)
+    assert len(full) == len(first)
+    strategy.after_step(first, ctx)
+    stored = strategy.buffer.data["logits"][: len(first)]
+    torch.testing.assert_close(stored, out.detach())  # the logits of the inserting step
+    second = _batch(ctx, [3, 4], 3, experience=0)
+    full, out, _ = _step(strategy, second, ctx)  # no optimiser step in between
+    n, n1, n2 = strategy._sizes
+    assert (n, n1, n2) == (6, 6, 6) and len(full) == 18  # incoming ; draw 1 ; draw 2 (independent)
+    assert float(strategy.last_terms["alpha_mse"]) == 0.0
+    assert float(strategy.last_terms["beta_ce"]) > 0.0
+    with torch.no_grad():  # after a parameter change the alpha term is no longer zero
+        strategy.model.head.bias.add_(1.0 * torch.arange(10.0))
+    _step(strategy, second, ctx)
+    assert float(strategy.last_terms["alpha_mse"]) > 0.0
+
+
+def test_derpp_beta_zero_is_der_with_one_draw():
+    ctx = _ctx()
+    strategy = _strategy("derpp", ctx, "strategy.beta=0", "strategy.replay_batch_size=4")
+    batch = _batch(ctx, [0, 1], 2, experience=0)
+    _step(strategy, batch, ctx)
+    strategy.after_step(batch, ctx)
+    full, _, _ = _step(strategy, batch, ctx)
+    assert len(full) == 8 and "beta_ce" not in strategy.last_terms
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("name", ["er_ace", "derpp"])
+def test_tiny_online_run_both_norms(tmp_path, name):
+    """Digits 5x2 online (one pass, batch 10, buffer minibatch 10), ResNet-18 with nf=4,
+    capped at 5 iterations per experience, with BN and with AdaB2N."""
+    accs = {}
+    for norm in ("bn", "adab2n"):
+        cfg = load_config(None, [
+            f"output_dir={tmp_path}", f"name={name}-{norm}", "logging.console=false", "logging.tensorboard=false",
+            "logging.progress=false", "eval.every=0", "eval.baseline=false", "model=resnet18", "model.nf=4",
+            f"strategy={name}", f"strategy.norm={norm}", "strategy.buffer_size=50", "strategy.replay_batch_size=10",
+            "train.batch_size=10", "train.epochs=1", "train.iterations=5", "train.lr=0.03"])
+        engine = Engine(cfg)
+        summary = engine.run()
+        assert summary["status"] == "finished" and summary["iterations"] == 25
+        assert all(math.isfinite(a) for row in summary["matrix"] for a in row if a is not None)
+        accs[norm] = summary["acc"]
+        state = torch.load(tmp_path / f"{name}-{norm}" / "checkpoint.pt", weights_only=False)
+        assert state["strategy"]["buffer"]["n_seen"] == 250
+        layers = adab2n_layers(engine.model)
+        if norm == "adab2n":
+            assert len(layers) == 20
+            assert any(k.endswith("bn1.eta") for k in state["model"])
+            assert any(float(layer.task_weight.detach().abs().max()) > 0 for layer in layers)  # trained
+            assert 0 < float(layers[0].eta) < 0.1 ** 0.4 and int(layers[0].num_batches_tracked) == 25
+        else:
+            assert not layers
+    assert all(0.0 <= a <= 1.0 for a in accs.values())
