@@ -136,5 +136,10 @@ def timm_model(cfg: TimmConfig, input_shape: tuple[int, int, int], num_classes: 
         raise ClbenchError(f"model.normalize '{cfg.normalize}' is not one of {', '.join(NORMALIZATIONS)}")
     backbone = TimmBackbone(create_timm_backbone(cfg))
     model = Classifier(backbone, backbone.feature_dim, num_classes)
-    model.input_stats = NORMALIZATIONS[cfg.normalize]
+    stats = NORMALIZATIONS[cfg.normalize]
+    if stats is not None and input_shape[0] != len(stats[0]):
+        if input_shape[0] != 1:
+            raise ClbenchError(f"model.normalize={cfg.normalize} has {len(stats[0])} channels, the data {input_shape[0]}")
+        stats = ((sum(stats[0]) / len(stats[0]),), (sum(stats[1]) / len(stats[1]),))  # grayscale: channel mean
+    model.input_stats = stats
     return model

@@ -1,0 +1,92 @@
+"""The ``timm`` model: architectures by name, local checkpoints, clear errors, input normalisation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clbench.models.pretrained import NORMALIZATIONS, TimmConfig, load_state_dict_file, timm_model
+from clbench.registry import ClbenchError
+
+timm = pytest.importorskip("timm")
+
+DATA_ROOT = Path(os.environ.get("CLBENCH_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
+VIT_TINY = DATA_ROOT / "weights" / "vit-tiny-tinyimagenet100" / "vit_tiny_p8_64_tin100.safetensors"
+TINY_KWARGS = {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "in_chans": 1}
+
+
+def _tiny_cfg(**kw) -> TimmConfig:
+    return TimmConfig(**{"arch": "vit_tiny_patch16_224", "pretrained": False, "normalize": "dataset",
+                         "kwargs": dict(TINY_KWARGS), **kw})
+
+
+def test_random_tiny_vit_has_a_new_head_over_the_stream_classes():
+    model = timm_model(_tiny_cfg(), (1, 8, 8), 7)
+    assert model.feature_dim == 32 and model.head.out_features == 7
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 7)
+    assert model.input_stats is None  # normalize=dataset: the stream's statistics
+
+
+def test_local_checkpoint_roundtrip_drops_the_head_and_loads_every_other_tensor(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY_KWARGS)
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    model = timm_model(TimmConfig(arch="vit_tiny_patch16_224", checkpoint=str(path), kwargs=dict(TINY_KWARGS)), (1, 8, 8), 3)
+    x = torch.randn(4, 1, 8, 8)
+    expected = source.forward_head(source.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(model.features(x), expected)
+    (mean,), (std,) = model.input_stats  # ImageNet statistics averaged for the one grayscale channel
+    assert mean == pytest.approx(sum(NORMALIZATIONS["imagenet"][0]) / 3) and std == pytest.approx(0.226, abs=1e-3)
+
+
+def test_checkpoint_of_another_architecture_is_refused_with_the_mismatch(tmp_path):
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **{**TINY_KWARGS, "depth": 3})
+    path = tmp_path / "other.pt"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(ClbenchError, match="unexpected.*blocks.2"):
+        timm_model(TimmConfig(arch="vit_tiny_patch16_224", checkpoint=str(path), kwargs=dict(TINY_KWARGS)), (1, 8, 8), 3)
+
+
+def test_errors_a_user_can_act_on(tmp_path):
+    with pytest.raises(ClbenchError, match="checkpoint not found"):
+        load_state_dict_file(tmp_path / "missing.safetensors")
+    with pytest.raises(ClbenchError, match="no weights on timm's hub.*model.checkpoint"):
+        timm_model(TimmConfig(arch="vit_tiny_patch8_64"), (3, 64, 64), 10)  # never a silent random init
+    with pytest.raises(ClbenchError, match="unknown timm architecture 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+        timm_model(TimmConfig(arch="vit_tiny_patch16_22", pretrained=False), (3, 32, 32), 10)
+    with pytest.raises(ClbenchError, match="normalize"):
+        timm_model(_tiny_cfg(normalize="imagnet"), (1, 8, 8), 3)
+
+
+@pytest.mark.skipif(not VIT_TINY.is_file(), reason="ViT-Tiny/8 weights not found under shared/data")
+def test_offline_vit_tiny_matches_the_weights_readme_reference():
+    """The README's reference code (timm VisionTransformer + strict load) gives the same features."""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    reference = VisionTransformer(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, num_classes=100)
+    reference.load_state_dict({k: v.float() for k, v in load_file(str(VIT_TINY)).items()}, strict=True)
+    model = timm_model(TimmConfig(arch="vit_tiny_patch8_64", checkpoint=str(VIT_TINY)), (3, 64, 64), 100)
+    reference.eval(), model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.features(x), reference.forward_head(reference.forward_features(x), pre_logits=True))
+    assert sum(p.numel() for p in model.backbone.parameters()) == 5_407_780 - (192 * 100 + 100)  # README count minus head
+
+
+def test_engine_normalises_with_the_models_statistics(tmp_path):
+    from clbench.config import load_config
+    from clbench.engine import Engine
+
+    overrides = [f"output_dir={tmp_path}", "name=vit", "logging.console=false", "logging.tensorboard=false",
+                 "checkpoint.enabled=false", "train.iterations=2", "eval.every=0", "scenario.n_tasks=2",
+                 "model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=false", "model.normalize=inception",
+                 *[f"model.kwargs.{k}={v}" for k, v in TINY_KWARGS.items()]]
+    engine = Engine(load_config(None, overrides))
+    assert engine.ctx.preprocess.mean.flatten().tolist() == [0.5]  # grayscale digits: one channel
+    summary = engine.run()
+    assert 0.0 <= summary["acc"] <= 1.0
