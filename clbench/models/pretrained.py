@@ -81,7 +81,7 @@ def create_timm_backbone(cfg: TimmConfig) -> nn.Module:
         raise ClbenchError("model 'timm' needs the timm package: pip install timm") from e
     arch, kwargs = CUSTOM_ARCHS.get(cfg.arch, (cfg.arch, {}))
     kwargs = {**kwargs, **dict(cfg.kwargs)}
-    if arch not in timm.list_models() and arch not in CUSTOM_ARCHS:
+    if arch.split(".", 1)[0] not in timm.list_models() and arch not in CUSTOM_ARCHS:  # "name.tag" picks timm weights
         import difflib
 
         close = difflib.get_close_matches(cfg.arch, timm.list_models() + list(CUSTOM_ARCHS), n=3)
