@@ -46,6 +46,8 @@ class TrainConfig:
     augment: str = "none"  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
     reset_optimizer: bool = True  # new optimiser state at each experience
     data_on_device: bool = True  # hold the whole stream on the device as uint8
+    online: bool = False  # online protocol: one pass in stream order, exposed-class masking (epochs/iterations ignored)
+    online_iter: int = 1  # online: gradient steps per incoming batch (Si-Blurry: 3)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class EvalConfig:
     windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
     recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
+    every_samples: int = 1000  # online: evaluate every N training samples on the exposed classes (0: task ends only)
 
 
 @dataclass

@@ -5,6 +5,21 @@ seeding and checkpoints; strategies only supply hooks (:mod:`clbench.strategy`).
 ``eval.every`` iterations, and at the last iteration of every experience, the evaluator runs
 on fixed subsets of the seen tasks; at each experience end it runs on the full test sets.
 
+Online protocol (``train.online=true``; Moon et al., ICCV 2023, Si-Blurry,
+``methods/_trainer.py``): each experience's samples arrive once, in the stream's order (no
+reshuffle, ``train.epochs``/``iterations`` ignored), in batches of ``train.batch_size``; a
+class is *exposed* when its first sample arrives, and ``ctx.class_mask`` (hence the loss and
+evaluation masks) allows exposed classes only.  Each incoming batch gets
+``train.online_iter`` gradient steps (``prepare_batch``/``forward``/``loss``/optimiser each
+time, fresh augmentation each time) and then one ``after_step`` (the code updates its memory
+once per incoming batch).  Every ``eval.every_samples`` samples -- after the batch that
+reaches or crosses a multiple, and once more after the last sample of the stream if that is
+not a multiple, so ``ceil(n_samples / every_samples)`` evaluations when the batch size is at
+most ``every_samples`` -- the evaluator measures the exposed classes (A_auc) and the
+per-experience subsets (stability-gap trackers).  At every task end the subsets are measured
+once more for the trackers only (unless just measured), and the full test sets give A_last,
+A_avg, F_last and the accuracy matrix.
+
 Resuming (``run(cfg, resume=RUN_DIR)``) restores model, optimiser, scheduler, AMP scaler,
 strategy state, metric trackers and every RNG state from the last checkpoint, so on CPU the
 resumed run's final metrics equal those of an uninterrupted run.
@@ -82,9 +97,14 @@ class Engine:
         self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
                            preprocess=Preprocess(mean, std, cfg.train.augment))
         self.ctx.class_mask = self.stream.class_mask(0).to(self.device)
+        self.online = cfg.train.online
+        if self.online:
+            check_online(cfg, self.stream)
+        self.exposed = torch.zeros(stream.num_classes, dtype=torch.bool, device=self.device)  # online: classes seen
+        self._last_eval = -1  # online: samples_seen at the last evaluation
         self.strategy.setup(self.model, self.ctx)
         self.model.to(self.device)
-        self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval)
+        self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval, online=self.online)
         self.resume_dir = resume_dir
         self.run_dir = resume_dir or make_run_dir(cfg, stream)
         self.position = Position()
@@ -113,7 +133,8 @@ class Engine:
                 self.evaluator.baseline()
             if self._checkpoint is not None and self.position.experience_iteration == 0:
                 self._restore(self._checkpoint, optimizer=False)
-            step = self._adapt_experience if self.stream.protocol == "tta" else self._train_experience
+            step = (self._adapt_experience if self.stream.protocol == "tta"
+                    else self._train_online if self.online else self._train_experience)
             for k in range(self.position.experience, len(self.stream)):
                 step(k)
             self.status = "finished"
@@ -139,22 +160,12 @@ class Engine:
         sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)]
                                + [torch.zeros(0, dtype=torch.long)])
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
-        ctx.n_iterations = n_iter
-        self.strategy.before_experience(exp, ctx)
-        if n_iter and (self.optimizer is None or cfg.train.reset_optimizer):
-            self.optimizer = make_optimizer(self.strategy.param_groups(), cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter) if n_iter else None
-        if self._checkpoint is not None:
-            if self.position.experience_iteration > 0:  # mid-experience: after the experience's own set-up
-                self._restore(self._checkpoint, optimizer=True)
-            elif not cfg.train.reset_optimizer and self._checkpoint["optimizer"] is not None:
-                self.optimizer.load_state_dict(self._checkpoint["optimizer"])
-        self._checkpoint = None
+        self._prepare_experience(exp, n_iter)
         start = self.position.experience_iteration
         ctx.iteration = self.position.iteration
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
         if start == 0:
-            self.evaluator.tracker.start_experience(k, ctx.iteration)
+            self.evaluator.start_experience(k, ctx.iteration)
         nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # first bad iteration + 1, on device
         loss_sum = torch.zeros((), device=self.device)
         log_every = max(1, cfg.logging.log_every)
@@ -192,6 +203,96 @@ class Engine:
         self.position = Position(k + 1, 0, ctx.iteration)
         if cfg.checkpoint.enabled:
             self._save(self.position)
+
+    def _prepare_experience(self, exp, n_iter: int) -> None:
+        """Before training ``exp`` for ``n_iter`` steps: strategy hook, optimiser, schedule and,
+        when resuming, the checkpoint's state."""
+        cfg, ctx = self.cfg, self.ctx
+        ctx.n_iterations = n_iter
+        self.strategy.before_experience(exp, ctx)
+        if n_iter and (self.optimizer is None or cfg.train.reset_optimizer):
+            self.optimizer = make_optimizer(self.strategy.param_groups(), cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter) if n_iter else None
+        if self._checkpoint is not None:
+            if self.position.experience_iteration > 0:  # mid-experience: after the experience's own set-up
+                self._restore(self._checkpoint, optimizer=True)
+            elif not cfg.train.reset_optimizer and self._checkpoint["optimizer"] is not None:
+                self.optimizer.load_state_dict(self._checkpoint["optimizer"])
+        self._checkpoint = None
+
+    def _train_online(self, k: int) -> None:
+        """Experience k under the online protocol (see the module docstring)."""
+        cfg, ctx, stream = self.cfg, self.ctx, self.stream
+        exp = stream[k]
+        ctx.experience = k
+        allowed = stream.class_mask(k).to(self.device)  # what the protocol allows (task-IL: the task's classes)
+        ctx.class_mask = allowed & self.exposed
+        train_exps = self.strategy.training_experiences(exp, ctx)
+        sample_idx = torch.cat([e.train_idx for e in train_exps] + [torch.zeros(0, dtype=torch.long)])
+        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)]
+                               + [torch.zeros(0, dtype=torch.long)])
+        bs, reps, period = cfg.train.batch_size, cfg.train.online_iter, cfg.eval.every_samples
+        n_batches = math.ceil(sample_idx.numel() / bs)
+        n_iter = n_batches * reps
+        self._prepare_experience(exp, n_iter)
+        start = self.position.experience_iteration // reps  # incoming batches already done
+        ctx.iteration = self.position.iteration
+        self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
+        if start == 0:
+            self.evaluator.start_experience(k, ctx.iteration)
+        nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        log_every = max(1, cfg.logging.log_every)
+        checkpoint_every, on_cpu = cfg.checkpoint.every, self.device.type == "cpu"
+        self.model.train()
+        for b in range(start, n_batches):
+            rows = slice(b * bs, (b + 1) * bs)
+            batch = self._fetch(sample_idx[rows], sample_exp[rows], train_exps)
+            self.exposed[batch.y] = True  # exposed on arrival, before training on the batch
+            ctx.class_mask = allowed & self.exposed
+            for r in range(reps):
+                it = b * reps + r
+                ctx.experience_iteration = it
+                loss = self._step(batch, after_step=r == reps - 1)
+                ctx.iteration += 1
+                ctx.experience_iteration = it + 1
+                nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach()), ctx.iteration, nonfinite)
+                loss_sum += loss.detach().float()
+                self.logger.on_iteration(ctx.iteration, it + 1)
+                last = it + 1 == n_iter
+                if (it + 1) % log_every == 0 or last or on_cpu:
+                    self._check_finite(nonfinite, k)
+                if (it + 1) % log_every == 0 or last:
+                    n = (it + 1) % log_every or log_every
+                    self.logger.log_metrics({"train/loss": float(loss_sum) / n,
+                                             "train/lr": self.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
+                    loss_sum.zero_()
+            ctx.samples_seen += len(batch)
+            if period > 0 and ctx.samples_seen // period > (ctx.samples_seen - len(batch)) // period:
+                self._online_eval(k)
+            if (checkpoint_every > 0 and ctx.iteration // checkpoint_every > (ctx.iteration - reps) // checkpoint_every
+                    and b + 1 < n_batches):
+                self._save(Position(k, (b + 1) * reps, ctx.iteration))
+        self.strategy.after_experience(exp, ctx)
+        final = k == len(stream) - 1
+        stream_end = all(e.train_idx.numel() == 0 for e in stream.experiences[k + 1:])
+        if period > 0 and n_batches and self._last_eval != ctx.samples_seen:
+            # the end of the stream counts for A_auc; other task ends only give the trackers
+            # their boundary accuracies (as the offline loop's evaluation at the last iteration)
+            self._online_eval(k, auc=stream_end)
+        metrics = self.evaluator.online_task_end(k, self.exposed)
+        self.logger.log_metrics(metrics, ctx.iteration, "experience")
+        self.logger.on_experience_end(k, metrics)
+        if final:
+            self.logger.log_metrics(self.evaluator.online_final(), ctx.iteration, "eval")
+        self.position = Position(k + 1, 0, ctx.iteration)
+        if cfg.checkpoint.enabled:
+            self._save(self.position)
+
+    def _online_eval(self, k: int, auc: bool = True) -> None:
+        metrics = self.evaluator.online_periodic(self.ctx.iteration, k + 1, self.ctx.samples_seen, self.exposed, auc)
+        self.logger.log_metrics(metrics, self.ctx.iteration, "eval")
+        self._last_eval = self.ctx.samples_seen
 
     def _adapt_experience(self, k: int) -> None:
         """Test-time adaptation (protocol ``tta``): one pass over domain k's test stream in the
@@ -249,7 +350,7 @@ class Engine:
         task = torch.tensor([e.task_id for e in exps])[which]
         return Batch(x.to(self.device, non_blocking=True), data.y[sel].to(self.device), task.to(self.device))
 
-    def _step(self, batch: Batch) -> torch.Tensor:
+    def _step(self, batch: Batch, after_step: bool = True) -> torch.Tensor:
         cfg, ctx = self.cfg.train, self.ctx
         full = self.strategy.prepare_batch(batch, ctx)
         x = ctx.inputs(full.x, train=True)
@@ -265,7 +366,8 @@ class Engine:
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.strategy.after_step(batch, ctx)
+        if after_step:
+            self.strategy.after_step(batch, ctx)
         return loss
 
     def _check_finite(self, nonfinite: torch.Tensor, k: int) -> None:
@@ -289,6 +391,8 @@ class Engine:
             "strategy": self.strategy.state_dict(),
             "evaluator": self.evaluator.state_dict(),
             "rng": rng_state(),
+            "online": {"exposed": self.exposed.cpu(), "samples_seen": self.ctx.samples_seen,
+                       "last_eval": self._last_eval},
         }
         tmp = self.run_dir / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -303,6 +407,10 @@ class Engine:
             if self.scheduler is not None and state["scheduler"] is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if "online" in state:
+            self.exposed = state["online"]["exposed"].to(self.device)
+            self.ctx.samples_seen = int(state["online"]["samples_seen"])
+            self._last_eval = int(state["online"]["last_eval"])
         set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ records
@@ -315,6 +423,7 @@ class Engine:
                              "transform": repr(e.transform) if e.transform is not None else None}
                             for e in self.stream],
             "protocol": self.stream.protocol, "n_experiences": len(self.stream), "device": str(self.device),
+            "scenario_info": self.stream.info, "online": self.online,
             "versions": versions(), "resumed": resumed, "started": datetime.now().isoformat(timespec="seconds"),
         }
 
@@ -352,6 +461,17 @@ def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: RunC
             yield sample_idx[sel], sample_exp[sel]
             done += 1
         epoch += 1
+
+
+def check_online(cfg: RunConfig, stream) -> None:
+    """Errors a user can act on for ``train.online=true``."""
+    if stream.protocol == "tta":
+        raise ClbenchError(f"train.online=true does not apply to the test-time-adaptation scenario '{stream.name}' "
+                           "(it is already a single online pass); set train.online=false")
+    if cfg.train.online_iter < 1:
+        raise ClbenchError(f"train.online_iter must be >= 1 (gradient steps per incoming batch), got {cfg.train.online_iter}")
+    if cfg.eval.every_samples < 0:
+        raise ClbenchError(f"eval.every_samples must be >= 0 (0: evaluate at task ends only), got {cfg.eval.every_samples}")
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:

@@ -6,6 +6,16 @@ seen task's test data (De Lange et al. 2023), gathered once and held on the devi
 uint8 tensor (normalised batch by batch: the floats of every subset may not fit), in large
 batches under ``torch.inference_mode``; per-task accuracies are reduced on
 the device and read back with a single transfer.  It asks the strategy only for ``predict``.
+
+Online protocol (``train.online``; Moon et al., ICCV 2023): every ``eval.every_samples``
+training samples the same subsets give both the per-experience accuracies (the continual
+trackers) and the accuracy on the test images of the classes *exposed* so far (A_auc's
+samples; subset samples are weighted by full/subset size per experience, so with
+``eval.subset_size=0`` it is exactly the released code's accuracy).  Experiences without test
+images (a Si-Blurry task that brings no new class) are left out of the trackers, whose
+records are mapped back to experience indices.  At task ends one pass over the full test
+sets gives the accuracy-matrix row, the exposed-class accuracy (A_last, A_avg) and per-class
+accuracies (F_last).  Logits of unexposed classes are masked through ``ctx.class_mask``.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from clbench.metrics import AccuracyMatrix, ContinualTracker
+from clbench.metrics import AccuracyMatrix, ContinualTracker, OnlineTracker
 
 if TYPE_CHECKING:
     from clbench.config import EvalConfig
@@ -25,7 +35,7 @@ if TYPE_CHECKING:
 class Evaluator:
     """Accuracies of a strategy on the stream's tasks, and the metric trackers fed by them."""
 
-    def __init__(self, strategy: "Strategy", ctx: "Context", cfg: "EvalConfig"):
+    def __init__(self, strategy: "Strategy", ctx: "Context", cfg: "EvalConfig", online: bool = False):
         self.strategy = strategy
         self.ctx = ctx
         self.cfg = cfg
@@ -48,6 +58,13 @@ class Evaluator:
         self.y = torch.cat(ys)
         self.exp = torch.cat(exps)
         self.task = torch.tensor([e.task_id for e in stream], device=ctx.device)[self.exp]
+        self.online_metrics = OnlineTracker() if online else None
+        if online:  # weights making subset accuracies estimates of full-test-set ones
+            full = torch.tensor([e.test_idx.numel() for e in stream], dtype=torch.float64)
+            sub = torch.tensor([y.numel() for y in ys], dtype=torch.float64)
+            self.weight = (full / sub.clamp_min(1)).to(ctx.device)[self.exp].float()
+            self.eval_tasks = [e.index for e in stream if e.test_idx.numel() > 0]  # tracker task r = experience eval_tasks[r]
+            self._rank = {k: r for r, k in enumerate(self.eval_tasks)}
 
     # ---------------------------------------------------------------- accuracies
     def subset_accuracies(self, n_seen: int) -> dict[int, float]:
@@ -69,6 +86,19 @@ class Evaluator:
                 total += len(batch)
             accs.append(float(hits) / max(total, 1))
         return accs
+
+    def _full_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per test sample of every experience: (correct, label, experience index), on the device."""
+        correct, ys, exps = [], [], []
+        for exp in self.ctx.stream:
+            for batch in self.ctx.batches([exp], self.batch_size, split="test"):
+                correct.append(self._correct(batch.x, batch.y, batch.task))
+                ys.append(batch.y)
+                exps.append(torch.full_like(batch.y, exp.index))
+        if not correct:
+            empty = torch.zeros(0, dtype=torch.long, device=self.ctx.device)
+            return empty.bool(), empty, empty
+        return torch.cat(correct), torch.cat(ys), torch.cat(exps)
 
     def _correct(self, x_uint8: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         mask = self.ctx.class_mask
@@ -113,6 +143,77 @@ class Evaluator:
         metrics["exp/avg_acc"] = sum(accs[: experience + 1]) / (experience + 1)
         return metrics
 
+    # ---------------------------------------------------------------- online protocol
+    def start_experience(self, experience: int, iteration: int) -> None:
+        """Mark the start of ``experience`` for the continual trackers (online: only
+        experiences with test images, numbered in order)."""
+        if self.online_metrics is None:
+            self.tracker.start_experience(experience, iteration)
+        elif experience in self._rank:
+            self.tracker.start_experience(self._rank[experience], iteration)
+
+    def online_periodic(self, iteration: int, n_seen: int, samples: int, exposed: torch.Tensor,
+                        auc: bool = True) -> dict[str, float]:
+        """Periodic evaluation of the online protocol after ``samples`` training samples:
+        per-experience subset accuracies (continual trackers) and the accuracy on the test
+        images of the ``exposed`` classes (bool ``[num_classes]``), from one forward pass.
+        ``auc=False`` (the engine's extra evaluation at a task end, for the trackers' boundary
+        accuracies) leaves A_auc untouched."""
+        end = self.ends[n_seen]
+        correct = self._correct(self.x[:end], self.y[:end], self.task[:end]).float()
+        exp = self.exp[:end]
+        w = self.weight[:end] * exposed[self.y[:end]].float()
+        values = torch.cat([torch.bincount(exp, weights=correct, minlength=n_seen)[:n_seen],
+                            torch.bincount(exp, minlength=n_seen)[:n_seen].float(),
+                            (correct * w).sum()[None], w.sum()[None]]).tolist()  # one host transfer
+        hits, counts = values[:n_seen], values[n_seen:2 * n_seen]
+        accs = {k: hits[k] / counts[k] for k in range(n_seen) if counts[k] > 0}
+        metrics: dict[str, float] = {f"eval/acc/task_{k}": a for k, a in accs.items()}
+        if accs:
+            metrics["eval/acc/avg"] = sum(accs.values()) / len(accs)
+        ranked = {self._rank[k]: a for k, a in accs.items()}
+        metrics.update({f"eval/{k}": v for k, v in self.tracker.update(iteration, ranked).items()})
+        if auc and values[-1] > 0:
+            metrics.update({f"eval/{k}": v for k, v in self.online_metrics.periodic(samples, values[-2] / values[-1]).items()})
+        metrics["eval/n_exposed"] = int(exposed.sum())
+        metrics["eval/samples"] = int(samples)
+        metrics["eval/period"] = self.cfg.every_samples
+        return metrics
+
+    def online_task_end(self, experience: int, exposed: torch.Tensor) -> dict[str, float]:
+        """Full-test evaluation at the end of task ``experience`` (online protocol): the
+        accuracy-matrix row (None for experiences without test images), the exposed-class
+        accuracy (A_last / A_avg) and per-class accuracies (F_last)."""
+        n_classes = exposed.numel()
+        correct, y, exp = self._full_pass()
+        n_exp = len(self.ctx.stream)
+        values = torch.cat([torch.bincount(exp[correct], minlength=n_exp), torch.bincount(exp, minlength=n_exp),
+                            torch.bincount(y[correct], minlength=n_classes), torch.bincount(y, minlength=n_classes),
+                            exposed.long()]).tolist()
+        e_hits, e_counts = values[:n_exp], values[n_exp:2 * n_exp]
+        c_hits, c_counts = values[2 * n_exp:2 * n_exp + n_classes], values[2 * n_exp + n_classes:-n_classes]
+        seen = values[-n_classes:]
+        row = [e_hits[i] / e_counts[i] if e_counts[i] else None for i in range(n_exp)]
+        self.matrix.update(experience, row)
+        class_accs = [c_hits[c] / c_counts[c] if seen[c] and c_counts[c] else None for c in range(n_classes)]
+        hits = sum(c_hits[c] for c in range(n_classes) if seen[c])
+        total = sum(c_counts[c] for c in range(n_classes) if seen[c])
+        acc = hits / total if total else None
+        self.online_metrics.task_end(acc, class_accs)
+        metrics = {f"exp/acc/task_{i}": row[i] for i in range(experience + 1) if row[i] is not None}
+        defined = [row[i] for i in range(experience + 1) if row[i] is not None]
+        if defined:
+            metrics["exp/avg_acc"] = sum(defined) / len(defined)
+        if acc is not None:
+            metrics["exp/acc/exposed"] = acc
+        return metrics
+
+    def online_final(self) -> dict[str, float]:
+        """The online metrics as ``eval/a_auc``, ``eval/a_last``, ``eval/a_avg``, ``eval/f_last``
+        (undefined ones left out)."""
+        summary = self.online_metrics.summary()
+        return {f"eval/{k}": summary[k] for k in ("a_auc", "a_last", "a_avg", "f_last") if summary[k] is not None}
+
     def online_result(self, experience: int, accuracy: float) -> dict[str, float]:
         """Record the online (predict-then-adapt) accuracy on a test-time-adaptation domain."""
         self.online[experience] = accuracy
@@ -127,14 +228,34 @@ class Evaluator:
             errors = [1 - self.online[k] for k in sorted(self.online)]
             return {"online_error": errors, "mean_error": sum(errors) / len(errors) if errors else None,
                     "domains": [self.ctx.stream.info.get("domains", {}).get(k, str(k)) for k in sorted(self.online)]}
+        if self.online_metrics is not None:
+            return {**self.matrix.summary(), **self._tracker_summary_by_experience(),
+                    **self.online_metrics.summary(), "eval_period": self.cfg.every_samples,
+                    "eval_period_unit": "samples", "eval_subset_size": self.cfg.subset_size,
+                    "eval_tasks": list(self.eval_tasks)}
         return {**self.matrix.summary(), **self.tracker.summary(), "eval_period": self.cfg.every,
                 "eval_subset_size": self.cfg.subset_size}
 
+    def _tracker_summary_by_experience(self) -> dict[str, Any]:
+        """The tracker's summary with its task numbers mapped back to experience indices."""
+        out = self.tracker.summary()
+        to_exp = self.eval_tasks
+        out["per_task_min"] = {to_exp[r]: v for r, v in out["per_task_min"].items()}
+        for gap in out["stability_gaps"]:
+            gap["experience"] = to_exp[gap["experience"]]
+            gap["per_task"] = {to_exp[r]: v for r, v in gap["per_task"].items()}
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        return {"matrix": self.matrix.state_dict(), "tracker": self.tracker.state_dict(),
-                "online": sorted(self.online.items())}
+        state = {"matrix": self.matrix.state_dict(), "tracker": self.tracker.state_dict(),
+                 "online": sorted(self.online.items())}
+        if self.online_metrics is not None:
+            state["online_metrics"] = self.online_metrics.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.matrix.load_state_dict(state["matrix"])
         self.tracker.load_state_dict(state["tracker"])
         self.online = dict(state.get("online", []))
+        if self.online_metrics is not None and "online_metrics" in state:
+            self.online_metrics.load_state_dict(state["online_metrics"])

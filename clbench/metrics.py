@@ -24,6 +24,12 @@ Two families of metrics live here:
    :class:`ContinualTracker`.  With an evaluation period ``p`` the minima are
    minima over evaluated iterations only (upper bounds of the true minima):
    log ``p`` with the results.
+
+3. **Online (Si-Blurry) metrics** of Moon et al. (ICCV 2023, "Online Class Incremental
+   Learning on Stochastic Blurry Task Boundary via Mask and Visual Prompt Tuning"; code
+   ``KHU-AGI/Si-Blurry`` ``methods/_trainer.py``), over evaluations on the test images of
+   the classes exposed so far: A_auc (mean of the periodic accuracies, evaluated every
+   ``eval.every_samples`` samples), A_last, A_avg and F_last.  See :class:`OnlineTracker`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ __all__ = [
     "forward_transfer",
     "AccuracyMatrix",
     "ContinualTracker",
+    "last_forgetting",
+    "OnlineTracker",
 ]
 
 Matrix = Sequence[Sequence[float | None]]
@@ -532,3 +540,82 @@ class ContinualTracker:
         self._last_full = None if lf is None else (int(lf[0]), unpairs(lf[1]))
         self._boundaries = [_Boundary.from_dict(b) for b in d["boundaries"]]
         self._metrics = dict(d["metrics"])
+
+
+# ---------------------------------------------------------------------------
+# 3. Online continual learning (Moon et al., ICCV 2023, Si-Blurry)
+# ---------------------------------------------------------------------------
+
+
+def last_forgetting(class_accs: Sequence[Sequence[float | None]]) -> float | None:
+    """F_last (Moon et al. 2023, as in ``methods/_trainer.py``): with ``class_accs[t][c]`` the
+    accuracy on class c's test images at the end of task t (``None``: c not yet exposed),
+
+        F_last = mean over classes c with max_{t < T-1} a_t(c) > 0 of  max_{t < T-1} a_t(c) - a_{T-1}(c).
+
+    Classes never exposed before the last task (and, as in the code, exposed classes whose
+    accuracy stayed 0) are left out.  ``None`` with fewer than two task ends or no such class.
+    """
+    if len(class_accs) < 2:
+        return None
+    diffs = []
+    for c in range(len(class_accs[-1])):
+        past = max((row[c] or 0.0) for row in class_accs[:-1])
+        if past > 0:
+            diffs.append(past - (class_accs[-1][c] or 0.0))
+    return _mean(diffs)
+
+
+class OnlineTracker:
+    """A_auc, A_last, A_avg and F_last of an online run (Moon et al., ICCV 2023).
+
+    * :meth:`periodic` adds one accuracy on the test images of the exposed classes, measured
+      after ``samples`` training samples; **A_auc** = the mean of these accuracies (the
+      code's ``np.mean(eval_results["test_acc"])``: the area under the accuracy-vs-samples
+      curve for a fixed evaluation period).
+    * :meth:`task_end` adds the accuracy on the exposed classes at the end of a task and the
+      per-class accuracies; **A_last** = the last task's, **A_avg** = their mean over tasks
+      (tasks that ended with no exposed class are left out), **F_last** =
+      :func:`last_forgetting` of the per-class rows.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self.accs: list[float] = []
+        self.task_accs: list[float | None] = []
+        self.class_accs: list[list[float | None]] = []
+
+    def periodic(self, samples: int, acc: float) -> dict[str, float]:
+        """Record one periodic accuracy; returns ``acc/exposed`` and the running ``a_auc``."""
+        self.samples.append(int(samples))
+        self.accs.append(float(acc))
+        return {"acc/exposed": float(acc), "a_auc": sum(self.accs) / len(self.accs)}
+
+    def task_end(self, acc: float | None, class_accs: Sequence[float | None]) -> None:
+        self.task_accs.append(None if acc is None else float(acc))
+        self.class_accs.append([None if a is None else float(a) for a in class_accs])
+
+    def summary(self) -> dict[str, Any]:
+        """``a_auc``, ``a_last``, ``a_avg``, ``f_last`` (None where undefined), the periodic
+        curve (``online_samples``, ``online_acc``), ``task_end_acc`` and ``class_acc``."""
+        defined = [a for a in self.task_accs if a is not None]
+        return {
+            "a_auc": _mean(self.accs),
+            "a_last": self.task_accs[-1] if self.task_accs else None,
+            "a_avg": _mean(defined),
+            "f_last": last_forgetting(self.class_accs),
+            "online_samples": list(self.samples),
+            "online_acc": list(self.accs),
+            "task_end_acc": list(self.task_accs),
+            "class_acc": [list(r) for r in self.class_accs],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": list(self.samples), "accs": list(self.accs), "task_accs": list(self.task_accs),
+                "class_accs": [list(r) for r in self.class_accs]}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.samples = [int(s) for s in d["samples"]]
+        self.accs = [float(a) for a in d["accs"]]
+        self.task_accs = list(d["task_accs"])
+        self.class_accs = [list(r) for r in d["class_accs"]]

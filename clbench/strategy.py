@@ -18,6 +18,14 @@ optimiser, AMP, clipping, device and checkpoints; a strategy never steps the opt
 
 State flows through the :class:`Context` (read-only for strategies), never through
 attributes another plug-in mutates, so hook order never matters between strategies.
+
+Online protocol (``train.online=true``, e.g. Si-Blurry; see :mod:`clbench.engine`): the
+"iterations" above are ``train.online_iter`` gradient steps on each incoming batch, in the
+stream's order; ``prepare_batch``/``forward``/``loss`` run at every step, ``after_step``
+once per incoming batch, after its last step (so a buffer stores each sample once).
+``ctx.class_mask`` then allows only the classes *exposed* so far (seen in an incoming batch,
+the current one included) and changes from batch to batch; ``ctx.samples_seen`` counts the
+training samples received so far.  No new hook.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class Context:
     experience_iteration: int = 0  # iterations done in the current experience
     n_iterations: int = 0  # iterations of the current experience
     class_mask: torch.Tensor | None = None  # bool [n_tasks, num_classes] for the current experience (on device)
+    samples_seen: int = 0  # online protocol: training samples received so far (after the current batch's steps)
 
     def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Model inputs (normalised floats) for uint8 images; augmented when ``train``."""

@@ -1,0 +1,298 @@
+"""Si-Blurry stream (Moon et al., ICCV 2023) and the online protocol: stream invariants on
+synthetic labels, the scenario on the built-in digits, and small end-to-end online runs
+(A_auc/A_last/A_avg/F_last, exposed-class masking, online_iter, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from clbench.config import load_config
+from clbench.engine import run
+from clbench.logging import read_metrics
+from clbench.metrics import OnlineTracker, last_forgetting
+from clbench.registry import ClbenchError, register_strategy
+from clbench.strategy import Strategy, StrategyConfig
+from scenarios import build_stream
+from scenarios.si_blurry import SiBlurryConfig, assign_blurry, class_counts, si_blurry
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["logging.console=false", "logging.tensorboard=false", "checkpoint.enabled=false",
+        "model.hidden=[32]", "train.optimizer=adam", "train.lr=0.003", "train.reset_optimizer=false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster, and spares the cores when they are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_labels(n_classes: int = 100, per_class: int = 50, seed: int = 0) -> torch.Tensor:
+    """``per_class`` samples of each class in a random order (like CIFAR-100's training set)."""
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    return y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+def assign(y, n_classes=100, T=5, N=50.0, M=10.0, variant="stochastic", seed=0, **kw):
+    n_d, n_b = class_counts(n_classes, T, N)
+    return assign_blurry(y, n_d, n_b, T, M, variant, torch.Generator().manual_seed(seed), **kw), n_d, n_b
+
+
+# ------------------------------------------------------------------ stream invariants
+@pytest.mark.parametrize("variant", ["stochastic", "fixed"])
+def test_every_sample_once_disjoint_classes_in_one_task(variant):
+    y = synthetic_labels()
+    for seed in range(4):
+        a, n_d, _ = assign(y, variant=variant, seed=seed)
+        assert torch.equal(a.order.sort().values, torch.arange(y.numel()))  # every sample exactly once
+        assert torch.all(a.task[1:] >= a.task[:-1])  # tasks one after another in stream order
+        labels = y[a.order]
+        disjoint = labels < n_d
+        # a disjoint class's samples all sit in its own task, and nowhere else
+        assert torch.equal(a.task[disjoint], a.class_task[labels[disjoint]])
+        tasks_per_class = torch.zeros(n_d, 5, dtype=torch.bool)
+        tasks_per_class[labels[disjoint], a.task[disjoint]] = True
+        assert torch.all(tasks_per_class.sum(1) == 1)
+
+
+@pytest.mark.parametrize("variant", ["stochastic", "fixed"])
+def test_blurry_fraction_is_M_percent(variant):
+    y = synthetic_labels()
+    for seed in range(4):
+        a, n_d, _ = assign(y, variant=variant, seed=seed)
+        assert a.n_blurry_samples == int((y >= n_d).sum())
+        pooled = a.n_pooled / a.n_blurry_samples
+        assert pooled == pytest.approx(0.10, abs=0.01)  # floor(M% of the pool), per task for "fixed"
+        labels = y[a.order]
+        blurry = labels >= n_d
+        moved = (a.task[blurry] != a.class_task[labels[blurry]]).float().mean().item()
+        # leaked into another task: a pooled sample may come back to its own task, so 0 < moved <= M
+        assert 0.03 < moved <= pooled + 1e-9
+
+
+def test_stochastic_tasks_have_random_sizes_fixed_do_not():
+    y = synthetic_labels()
+    shapes = set()
+    for seed in range(6):
+        a, n_d, n_b = assign(y, seed=seed)
+        per_task = torch.bincount(a.class_task[a.class_task >= 0], minlength=5)
+        assert per_task.sum() == n_d + n_b
+        shapes.add(tuple(per_task.tolist()))
+        sizes = torch.bincount(a.task, minlength=5)
+        assert sizes.sum() == y.numel() and len(set(sizes.tolist())) > 1
+    assert len(shapes) == 6  # a different number of classes per task for every seed
+    a, n_d, n_b = assign(y, variant="fixed")
+    assert torch.bincount(a.class_task, minlength=5).tolist() == [20] * 5
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    y = synthetic_labels()
+    a, _, _ = assign(y, seed=3)
+    b, _, _ = assign(y, seed=3)
+    c, _, _ = assign(y, seed=4)
+    assert torch.equal(a.order, b.order) and torch.equal(a.task, b.task)
+    assert not torch.equal(a.order, c.order)
+
+
+def test_empty_tasks_dropped_classes_and_the_codes_clipped_pool():
+    # 10 classes, 3 tasks, N=50: 3 disjoint + 6 blurry classes, one class dropped
+    y = synthetic_labels(10, 30)
+    a, n_d, n_b = assign(y, n_classes=10, T=3, seed=1)
+    assert (n_d, n_b) == (3, 6)
+    assert torch.equal(a.order.sort().values, (y < 9).nonzero().flatten())  # the dropped class is gone
+    # with few blurry classes a task often owns none; the pool is still topped up to floor(M%)
+    clipped = []
+    for seed in range(10):
+        a, n_d, n_b = assign(synthetic_labels(10, 100), n_classes=10, seed=seed)
+        assert a.n_pooled == a.n_blurry_samples * 10 // 100
+        code, _, _ = assign(synthetic_labels(10, 100), n_classes=10, seed=seed, exact_pool=False)
+        assert code.n_pooled <= a.n_pooled and torch.equal(code.order.sort().values, torch.arange(1000))
+        clipped.append(code.n_pooled < a.n_pooled)
+    assert any(clipped)  # the released code's pool is short for some seeds
+
+
+def test_generator_is_vectorised():
+    import time
+
+    y = synthetic_labels(100, 500)  # CIFAR-100's 50,000 training labels
+    t0 = time.perf_counter()
+    assign(y)
+    assert time.perf_counter() - t0 < 2.0
+
+
+# ------------------------------------------------------------------ the scenario on digits
+def test_scenario_on_digits_labels_in_exposure_order():
+    cfg = load_config(None, ["scenario=si_blurry"])
+    stream = build_stream(cfg.scenario, seed=0)
+    assert stream.name == "si_blurry" and stream.protocol == "class" and len(stream) == 5
+    order = torch.cat([e.train_idx for e in stream])
+    assert torch.equal(order.sort().values, torch.arange(stream.train.y.numel()))
+    labels = stream.train.y[order]
+    running_max = torch.cummax(labels, 0).values
+    assert torch.all(running_max[1:] - running_max[:-1] <= 1)  # first appearances come as 0, 1, 2, ...
+    test_idx = torch.cat([e.test_idx for e in stream])
+    assert torch.equal(test_idx.sort().values, torch.arange(stream.test.y.numel()))  # test sets partition
+    for e in stream:
+        assert torch.isin(stream.train.y[e.train_idx], e.classes).all()
+    info = stream.info
+    assert sum(info["samples_per_task"]) == stream.train.y.numel() and sum(info["new_classes_per_task"]) == 10
+    again = si_blurry(SiBlurryConfig(), seed=0)
+    assert all(torch.equal(a.train_idx, b.train_idx) for a, b in zip(stream, again))
+
+
+def test_scenario_errors_are_actionable():
+    with pytest.raises(ClbenchError, match="variant"):
+        si_blurry(SiBlurryConfig(variant="random"), seed=0)
+    with pytest.raises(ClbenchError, match="lower n_tasks"):
+        si_blurry(SiBlurryConfig(n_tasks=20), seed=0)
+
+
+# ------------------------------------------------------------------ metrics
+def test_online_metrics():
+    assert last_forgetting([[0.9, None]]) is None
+    # class 0: max past 0.9 -> 0.5; class 1 exposed only in the last task: left out
+    assert last_forgetting([[0.9, None], [0.8, None], [0.5, 0.7]]) == pytest.approx(0.4)
+    t = OnlineTracker()
+    assert t.periodic(100, 0.5)["a_auc"] == 0.5
+    t.periodic(200, 0.7)
+    t.task_end(0.6, [0.6, None])
+    t.task_end(0.4, [0.3, 0.5])
+    s = t.summary()
+    assert s["a_auc"] == pytest.approx(0.6) and s["a_last"] == 0.4 and s["a_avg"] == pytest.approx(0.5)
+    assert s["f_last"] == pytest.approx(0.3)
+    u = OnlineTracker()
+    u.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    assert u.summary() == s
+
+
+# ------------------------------------------------------------------ online runs
+@dataclass
+class ProbeConfig(StrategyConfig):
+    name: str = "si_blurry_probe"
+
+
+PROBE: dict = {}
+
+
+@register_strategy("si_blurry_probe", config=ProbeConfig, description="test: records masks; predicts a fixed ramp")
+class Probe(Strategy):
+    """Checks the exposed-class mask at every step; predicts scores c (highest = latest class)."""
+
+    def setup(self, model, ctx):
+        super().setup(model, ctx)
+        PROBE.update(seen=torch.zeros(ctx.stream.num_classes, dtype=torch.bool), steps=0, after=0, bad=[])
+        self.n_classes = ctx.stream.num_classes
+
+    def loss(self, output, batch, ctx):
+        PROBE["seen"][batch.y.cpu()] = True  # the stream so far, including this batch
+        if not torch.equal(ctx.class_mask[0].cpu(), PROBE["seen"]):
+            PROBE["bad"].append(ctx.iteration)
+        PROBE["steps"] += 1
+        return super().loss(output, batch, ctx)
+
+    def after_step(self, batch, ctx):
+        PROBE["after"] += 1
+
+    @torch.inference_mode()
+    def predict(self, x, task_id=None):
+        return torch.arange(self.n_classes, dtype=torch.float32, device=x.device).expand(x.shape[0], -1)
+
+
+def online_cfg(tmp_path, *overrides, name="run"):
+    return load_config(ROOT / "configs" / "si_blurry_digits.yaml",
+                       [f"output_dir={tmp_path}", f"name={name}", *FAST, *overrides])
+
+
+def test_online_run_on_digits_metrics_present_and_sane(tmp_path):
+    summary = run(online_cfg(tmp_path, "train.online_iter=2", "eval.every_samples=200"))
+    stream = si_blurry(SiBlurryConfig(), seed=0)
+    n = stream.train.y.numel()
+    sizes = [e.train_idx.numel() for e in stream]
+    assert summary["status"] == "finished"
+    assert summary["iterations"] == 2 * sum(math.ceil(s / 16) for s in sizes)  # online_iter steps per batch
+    # evaluations: after the batch reaching each multiple of 200 samples, and at the stream's end
+    assert len(summary["online_samples"]) == math.ceil(n / 200) and summary["online_samples"][-1] == n
+    assert all(s // 200 == i + 1 for i, s in enumerate(summary["online_samples"][:-1]))
+    for key in ("a_auc", "a_last", "a_avg", "f_last"):
+        assert summary[key] is not None and -1 <= summary[key] <= 1, key
+    assert 0 <= summary["a_auc"] <= 1 and summary["a_auc"] == pytest.approx(sum(summary["online_acc"]) / 8)
+    assert summary["a_last"] == summary["task_end_acc"][-1] > 0.5  # replay on digits learns
+    assert summary["a_avg"] == pytest.approx(sum(summary["task_end_acc"]) / 5)
+    # the core evaluator's metrics on the same run (empty-test-set tasks left out, mapped back)
+    assert summary["eval_tasks"] == [e.index for e in stream if e.test_idx.numel()]
+    assert summary["min_acc"] is not None and len(summary["stability_gaps"]) == len(summary["eval_tasks"]) - 1
+    assert {g["experience"] for g in summary["stability_gaps"]} <= set(summary["eval_tasks"][1:])
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["online"] and info["scenario_info"]["samples_per_task"] == sizes
+    owned = [c for group in ("disjoint_classes", "blurry_classes") for task in info["scenario_info"][group] for c in task]
+    assert sorted(owned) == list(range(10))
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["a_auc"] == pytest.approx(summary["a_auc"]) and on_disk["eval_period_unit"] == "samples"
+    records = read_metrics(tmp_path / "run")
+    auc_records = [r for r in records if "eval/acc/exposed" in r]
+    assert [r["eval/samples"] for r in auc_records] == summary["online_samples"]
+    final = [r for r in records if "eval/f_last" in r]
+    assert len(final) == 1 and final[0]["eval/a_auc"] == pytest.approx(summary["a_auc"])
+    assert all(r["eval/period"] == 200 for r in records if r["kind"] == "eval" and "eval/period" in r)
+
+
+def test_unexposed_logits_are_masked_in_training_and_evaluation(tmp_path):
+    summary = run(online_cfg(tmp_path, "strategy=si_blurry_probe", "train.online_iter=3",
+                             "eval.every_samples=48"))
+    assert PROBE["bad"] == []  # the loss saw exactly the classes of the stream so far
+    assert PROBE["steps"] == 3 * PROBE["after"] == summary["iterations"]  # after_step once per batch
+    # predict ranks the latest class highest: masked, the prediction is the latest *exposed*
+    # class (labels come in exposure order); unmasked it would be class 9, unexposed early on
+    stream = si_blurry(SiBlurryConfig(), seed=0)
+    labels = stream.train.y[torch.cat([e.train_idx for e in stream])]
+    for samples, acc in zip(summary["online_samples"], summary["online_acc"]):
+        top = int(labels[:samples].max())
+        test_y = stream.test.y
+        expected = (test_y == top).sum().item() / (test_y <= top).sum().item()
+        assert acc == pytest.approx(expected)
+    assert summary["online_acc"][0] > 0 and int(labels[:48].max()) < 9
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "ewc"])
+def test_other_strategies_run_online(tmp_path, strategy):
+    summary = run(online_cfg(tmp_path, f"strategy={strategy}", "eval.every_samples=400", "train.online_iter=1"))
+    assert summary["status"] == "finished" and 0 <= summary["a_auc"] <= 1 and summary["a_last"] > 0.2
+
+
+def test_online_resume_matches_uninterrupted_run(tmp_path):
+    over = ["train.online_iter=2", "eval.every_samples=300", "checkpoint.enabled=true", "checkpoint.every=50"]
+    full = run(online_cfg(tmp_path, *over, name="full"))
+
+    from clbench import engine
+
+    original = engine.Engine._online_eval
+    calls = {"n": 0}
+
+    def crash_after_third(self, k, auc=True):
+        original(self, k, auc)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    engine.Engine._online_eval = crash_after_third
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(online_cfg(tmp_path, *over, name="cut"))
+    finally:
+        engine.Engine._online_eval = original
+    resumed = run(resume=tmp_path / "cut")
+    assert resumed["online_samples"] == full["online_samples"]
+    assert resumed["a_auc"] == pytest.approx(full["a_auc"]) and resumed["f_last"] == pytest.approx(full["f_last"])
+
+
+def test_online_config_errors(tmp_path):
+    with pytest.raises(ClbenchError, match="online_iter"):
+        run(online_cfg(tmp_path, "train.online_iter=0"))
