@@ -55,6 +55,8 @@ class EvalConfig:
     every: int = 10  # evaluate every N training iterations (0: only at experience ends)
     subset_size: int = 1000  # fixed, seeded test subset per task for periodic evaluation (0: all)
     batch_size: int = 0  # 0: auto (256 on CPU, where larger batches run slower; 2048 on a GPU)
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
     windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
     recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
