@@ -60,7 +60,7 @@ METHODS: list[tuple[str, str, list[str]]] = [
     ("coda_prompt", "coda_prompt", []),
     ("oneprompt", "oneprompt", []),
     ("oneprompt+vor", "oneprompt", ["strategy.vor=true"]),
-    ("slca", "slca", ["train.optimizer=sgd", "train.momentum=0.9", "train.weight_decay=0.0005"]),
+    ("slca", "slca", ["train.optimizer=sgd", "train.lr=0.01", "train.momentum=0.9", "train.weight_decay=0.0005"]),
     ("l2_attention", "l2", ["strategy.params=attention", "strategy.anchor=initial"]),
     ("kv_bottleneck", "kv_bottleneck", ["train.optimizer=sgd", "train.lr=0.3", "train.momentum=0.0",
                                         "train.weight_decay=0.0", "train.grad_clip=1.0"]),

@@ -475,8 +475,12 @@ def check_online(cfg: RunConfig, stream) -> None:
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
+    """The ``train.optimizer`` over the strategy's parameter groups.  A group may set its own
+    ``lr``, or ``lr_scale`` (its lr = ``train.lr * lr_scale``, e.g. SLCA's slow backbone)."""
     if not any(len(list(g["params"])) for g in groups):
         raise ClbenchError("the strategy returned no trainable parameters (param_groups() is empty)")
+    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g["lr_scale"]} if "lr_scale" in g else g
+              for g in groups]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

@@ -22,10 +22,9 @@ Learning on a Pre-trained Model", ICCV 2023 (arXiv:2303.05118); official code ``
    code's ``fc.backup()`` / ``fc.recall()``): the aligned copy lives only until the next
    ``before_experience``; the model's own heads are never touched by the alignment.
 
-Learning rates: clbench's engine gives a group without ``lr`` the run's ``train.lr``, and a
-strategy does not see ``train.*``; so SLCA sets both groups' rates itself from ``strategy.lr``
-(the head's, paper 0.01) and ``backbone_lr_scale`` -- ``train.lr`` is not used, while
-``train.optimizer``/``momentum``/``weight_decay``/scheduler are (paper: SGD, 0.9, 5e-4).
+Learning rates: the heads train at ``train.lr`` (paper 0.01) and the backbone at
+``train.lr * backbone_lr_scale`` (the group's ``lr_scale``, resolved by the engine's optimiser);
+``train.optimizer``/``momentum``/``weight_decay``/scheduler as in the paper: SGD, 0.9, 5e-4.
 
 Differences from the code: its MultiStepLR (x0.1 at epoch 18 of 20) is not an engine schedule
 (use ``train.scheduler``); its ViT-B/16-in21k re-creates the final LayerNorm (spec pitfall),
@@ -50,7 +49,6 @@ from scenarios.base import seeded_generator
 @dataclass
 class SLCAConfig(StrategyConfig):
     name: str = "slca"
-    lr: float = 0.01  # the heads' learning rate (replaces train.lr; SLCA: 0.01)
     backbone_lr_scale: float = 0.01  # slow learner: backbone lr = lr * scale (SLCA bcb_lrscale 1/100; 0 freezes it)
     head_init_std: float = 0.02  # trunc-normal std of each new head (bias 0)
     cov_eps: float = 1e-4  # Sigma_c = cov + eps * I
@@ -106,12 +104,12 @@ class SLCA(Strategy):
             model.backbone.requires_grad_(False)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Backbone at ``lr * backbone_lr_scale`` (the slow learner), all heads at ``lr``
+        """Backbone at ``train.lr * backbone_lr_scale`` (the slow learner), all heads at ``train.lr``
         (only the current one has ``requires_grad``, see :meth:`before_experience`)."""
-        groups = [{"params": list(self.model.head.parameters()), "lr": self.cfg.lr, "name": "heads"}]
+        groups = [{"params": list(self.model.head.parameters()), "name": "heads"}]
         if self.cfg.backbone_lr_scale > 0:
             backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-            groups.insert(0, {"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale, "name": "backbone"})
+            groups.insert(0, {"params": backbone, "lr_scale": self.cfg.backbone_lr_scale, "name": "backbone"})
         return groups
 
     def before_experience(self, exp, ctx: Context) -> None:

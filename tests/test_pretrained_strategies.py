@@ -11,7 +11,7 @@ import torch
 from clbench.alignment import class_gaussians, logit_norm_cross_entropy, mean_shrink, sample_features
 from clbench.config import load_config
 from clbench.data import load_dataset
-from clbench.engine import Engine
+from clbench.engine import Engine, make_optimizer
 from clbench.strategy import Batch
 from scenarios.base import seeded_generator
 from strategies.kv_bottleneck import KeyValueBottleneck
@@ -70,13 +70,12 @@ def test_logit_norm_divides_by_the_mean_per_task_norm():
 def test_slca_slow_learner_param_groups(tmp_path):
     eng = engine(tmp_path, "strategy=slca")
     groups = {g["name"]: g for g in eng.strategy.param_groups()}
-    assert groups["backbone"]["lr"] == pytest.approx(groups["heads"]["lr"] / 100)
-    assert groups["heads"]["lr"] == 0.01
+    assert groups["backbone"]["lr_scale"] == pytest.approx(1 / 100) and "lr" not in groups["heads"]
     backbone = {id(p) for p in eng.model.backbone.parameters()}
     assert {id(p) for p in groups["backbone"]["params"]} == backbone
     assert not backbone & {id(p) for p in groups["heads"]["params"]}
-    opt = torch.optim.SGD(eng.strategy.param_groups(), lr=123.0)  # what the engine does: groups keep their lr
-    assert sorted(g["lr"] for g in opt.param_groups) == [1e-4, 0.01]
+    opt = make_optimizer(eng.strategy.param_groups(), eng.cfg.train)  # train.lr 0.01 in the SLCA run below
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([eng.cfg.train.lr / 100, eng.cfg.train.lr])
 
 
 def test_slca_alignment_changes_only_the_heads_and_is_not_carried_over(tmp_path):
