@@ -166,30 +166,15 @@ class Engine:
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
         if start == 0:
             self.evaluator.start_experience(k, ctx.iteration)
-        nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # first bad iteration + 1, on device
-        loss_sum = torch.zeros((), device=self.device)
-        log_every = max(1, cfg.logging.log_every)
-        eval_every, checkpoint_every, on_cpu = cfg.eval.every, cfg.checkpoint.every, self.device.type == "cpu"
+        losses = LossLog(self, k)
+        eval_every, checkpoint_every = cfg.eval.every, cfg.checkpoint.every
         self.model.train()
         for it, (idx, which) in enumerate(batch_schedule(sample_idx, sample_exp, cfg, k), start=0):
             if it < start:
                 continue
             ctx.experience_iteration = it
             batch = self._fetch(idx, which, train_exps)
-            loss = self._step(batch)
-            ctx.iteration += 1
-            ctx.experience_iteration = it + 1
-            nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach()), ctx.iteration, nonfinite)
-            loss_sum += loss.detach().float()
-            self.logger.on_iteration(ctx.iteration, it + 1)
-            last = it + 1 == n_iter
-            if (it + 1) % log_every == 0 or last or on_cpu:
-                self._check_finite(nonfinite, k)
-            if (it + 1) % log_every == 0 or last:
-                n = (it + 1) % log_every or log_every
-                self.logger.log_metrics({"train/loss": float(loss_sum) / n,
-                                         "train/lr": self.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
-                loss_sum.zero_()
+            last = losses.record(self._step(batch), it, n_iter)
             if last or (eval_every > 0 and ctx.iteration % eval_every == 0):
                 self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
             if checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0 and not last:
@@ -240,10 +225,8 @@ class Engine:
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
         if start == 0:
             self.evaluator.start_experience(k, ctx.iteration)
-        nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        log_every = max(1, cfg.logging.log_every)
-        checkpoint_every, on_cpu = cfg.checkpoint.every, self.device.type == "cpu"
+        losses = LossLog(self, k)
+        checkpoint_every = cfg.checkpoint.every
         self.model.train()
         for b in range(start, n_batches):
             rows = slice(b * bs, (b + 1) * bs)
@@ -253,20 +236,7 @@ class Engine:
             for r in range(reps):
                 it = b * reps + r
                 ctx.experience_iteration = it
-                loss = self._step(batch, after_step=r == reps - 1)
-                ctx.iteration += 1
-                ctx.experience_iteration = it + 1
-                nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach()), ctx.iteration, nonfinite)
-                loss_sum += loss.detach().float()
-                self.logger.on_iteration(ctx.iteration, it + 1)
-                last = it + 1 == n_iter
-                if (it + 1) % log_every == 0 or last or on_cpu:
-                    self._check_finite(nonfinite, k)
-                if (it + 1) % log_every == 0 or last:
-                    n = (it + 1) % log_every or log_every
-                    self.logger.log_metrics({"train/loss": float(loss_sum) / n,
-                                             "train/lr": self.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
-                    loss_sum.zero_()
+                losses.record(self._step(batch, after_step=r == reps - 1), it, n_iter)
             ctx.samples_seen += len(batch)
             if period > 0 and ctx.samples_seen // period > (ctx.samples_seen - len(batch)) // period:
                 self._online_eval(k)
@@ -433,6 +403,40 @@ class Engine:
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
         return summary
+
+
+class LossLog:
+    """Per-iteration bookkeeping shared by the training loops: advances the iteration counters,
+    accumulates the loss on the device, logs its mean every ``logging.log_every`` iterations and
+    stops on a non-finite loss.  The finiteness flag stays on the device (no host sync per
+    iteration) except on a CPU, where checking it is free."""
+
+    def __init__(self, engine: "Engine", experience: int):
+        self.engine, self.experience = engine, experience
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=engine.device)  # first bad iteration + 1
+        self.loss_sum = torch.zeros((), device=engine.device)
+        self.log_every = max(1, engine.cfg.logging.log_every)
+        self.on_cpu = engine.device.type == "cpu"
+
+    def record(self, loss: torch.Tensor, it: int, n_iter: int) -> bool:
+        """Book iteration ``it`` (0-based within the experience); True on the experience's last."""
+        engine, ctx = self.engine, self.engine.ctx
+        ctx.iteration += 1
+        ctx.experience_iteration = it + 1
+        loss = loss.detach()
+        self.nonfinite = torch.where((self.nonfinite == 0) & ~torch.isfinite(loss), ctx.iteration, self.nonfinite)
+        self.loss_sum += loss.float()
+        engine.logger.on_iteration(ctx.iteration, it + 1)
+        last = it + 1 == n_iter
+        due = (it + 1) % self.log_every == 0 or last
+        if due or self.on_cpu:
+            engine._check_finite(self.nonfinite, self.experience)
+        if due:
+            n = (it + 1) % self.log_every or self.log_every
+            engine.logger.log_metrics({"train/loss": float(self.loss_sum) / n,
+                                       "train/lr": engine.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
+            self.loss_sum.zero_()
+        return last
 
 
 # ---------------------------------------------------------------------- helpers
