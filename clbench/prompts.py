@@ -10,6 +10,9 @@ Two ways of giving a prompt ``p`` (``[L, D]``) to a transformer block:
 * **prompt-tuning** (``mode="tokens"``; Lester et al. 2021, L2P Sec. 4.1, VPT): the ``L`` prompt
   tokens are inserted into the sequence before block ``i``, right after [CLS] (so [CLS] stays
   at position 0), and travel through every later block.
+* **per-block prompt-tuning** (``mode="tokens_per_block"``; VPT-Deep, MVP / Si-Blurry code
+  ``models/mvp.py`` ``prompt_tuning``: ``x = block(cat(x, p_i)); x = x[:, :N]``): block ``i``'s
+  tokens are attended to in block ``i`` only and dropped after it.
 
 A selection of ``n`` prompts of length ``L`` for a batch is a ``[B, n, L, D]`` tensor per block
 (:data:`LayerPrompts`); in prefix mode each prompt is split into its own key/value halves before
@@ -107,8 +110,8 @@ class PromptedOutput:
 def prompted_forward(vit: nn.Module, x: torch.Tensor, prompts: LayerPrompts | None = None,
                      mode: str = "prefix") -> PromptedOutput:
     """timm ``forward_features`` with prompts in the blocks named by ``prompts`` (see module doc)."""
-    if mode not in ("prefix", "tokens"):
-        raise ClbenchError(f"prompt mode must be 'prefix' or 'tokens', got '{mode}'")
+    if mode not in ("prefix", "tokens", "tokens_per_block"):
+        raise ClbenchError(f"prompt mode must be 'prefix', 'tokens' or 'tokens_per_block', got '{mode}'")
     prompts = prompts or {}
     bad = [i for i in prompts if not 0 <= i < len(vit.blocks)]
     if bad:
@@ -124,8 +127,11 @@ def prompted_forward(vit: nn.Module, x: torch.Tensor, prompts: LayerPrompts | No
         else:
             tok = p.reshape(p.shape[0], -1, p.shape[-1]).to(h.dtype)
             h = torch.cat([h[:, :n_prefix], tok, h[:, n_prefix:]], dim=1)
-            n_prompt += tok.shape[1]
             h = block_forward(blk, h)
+            if mode == "tokens":
+                n_prompt += tok.shape[1]
+            else:  # tokens_per_block: this block's prompt tokens are dropped after it
+                h = torch.cat([h[:, :n_prefix], h[:, n_prefix + tok.shape[1]:]], dim=1)
     return PromptedOutput(vit.norm(h), n_prompt, n_prefix)
 
 

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from clbench.config import load_config
 from clbench.engine import Engine
-from clbench.prompts import PromptedOutput, PromptPool, attention, pool_features, prompted_forward
+from clbench.prompts import PromptPool, attention, pool_features, prompted_forward
 from clbench.strategy import Batch
 from clbench.vor import energy, energy_regularizer, kth_neighbour_distance, synthesize_outliers
 from strategies.coda_prompt import CodaPromptConfig, gram_schmidt
