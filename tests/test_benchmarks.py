@@ -34,6 +34,8 @@ def outputs(tmp_path_factory):
     if HAS_AVALANCHE:
         commands["vs_avalanche"] = [sys.executable, str(REPO / "benchmarks" / "vs_avalanche.py"), "--quick",
                                     "--check-order"]
+    commands["si_blurry_mvp"] = [sys.executable, str(REPO / "benchmarks" / "si_blurry_mvp.py"), "--quick",
+                                "--datasets", "cifar10"]  # the upsampled-input row; one dataset keeps this file fast
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, cmd in commands.items()}
     results = {}
@@ -94,3 +96,18 @@ def test_vs_avalanche_quick(outputs):
     assert r["clbench_eval"]["periodic"]["calls"] == w["iterations"]
     assert r["avalanche_eval"]["calls"] == w["iterations"] + 2 * w["experiences"]  # + before/after each experience
     assert _positive(r["avalanche_eval"]["images"]) and _positive(r["clbench_eval"]["periodic"]["images"])
+
+
+def test_si_blurry_mvp_quick(outputs):
+    rc, out, err = outputs["si_blurry_mvp"]
+    assert rc == 0, f"si_blurry_mvp failed (rc {rc}):\n{err[-3000:]}"
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [r["dataset"] for r in lines] == ["cifar10"]  # one JSON line per dataset
+    for r in lines:
+        assert r["benchmark"] == "si_blurry_mvp" and r["quick"] is True and r["skipped"] == {}, r["skipped"]
+        assert list(r["results"]) == ["finetune", "replay", "ewc", "l2p", "dualprompt", "mvp"]
+        for row in r["results"].values():
+            for m in ("a_auc", "a_last", "a_avg", "f_last"):
+                assert 0.0 <= row[m]["mean"] <= 1.0, (m, row[m])
+            assert [s["seed"] for s in row["per_seed"]] == r["seeds"] == [1]
+        assert isinstance(r["mvp_above_l2p_and_dualprompt_on_a_auc"], bool)
