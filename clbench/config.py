@@ -57,6 +57,7 @@ class EvalConfig:
     batch_size: int = 0  # 0: auto (256 on CPU, where larger batches run slower; 2048 on a GPU)
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
+    compile: str = "none"  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
     windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
     recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)

@@ -46,6 +46,11 @@ class Evaluator:
         self.batch_size = cfg.batch_size or (256 if ctx.device.type == "cpu" else 2048)
         self.precision = resolve_precision(cfg.precision, ctx.device)
         self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
+        if cfg.compile not in COMPILE_MODES:
+            from clbench.registry import ClbenchError
+
+            raise ClbenchError(f"eval.compile '{cfg.compile}' is not one of {', '.join(COMPILE_MODES)}")
+        self._predict = None  # strategy.predict, compiled on first use when eval.compile is set
         self.online: dict[int, float] = {}
         xs, ys, exps = [], [], []
         for exp in stream:
@@ -102,6 +107,16 @@ class Evaluator:
             return empty.bool(), empty, empty
         return torch.cat(correct), torch.cat(ys), torch.cat(exps)
 
+    def predict_fn(self):
+        """``strategy.predict``, through ``torch.compile`` when ``eval.compile`` names a mode
+        (``reduce-overhead`` adds CUDA graphs on a GPU).  Parameters are read at call time, so
+        the compiled function sees every optimiser step (tests/test_evaluation_precision.py)."""
+        if self.cfg.compile == "none":
+            return self.strategy.predict
+        if self._predict is None:
+            self._predict = torch.compile(self.strategy.predict, mode=self.cfg.compile, dynamic=False)
+        return self._predict
+
     def _correct(self, x_uint8: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         mask = self.ctx.class_mask
         model: nn.Module = self.strategy.model
@@ -117,7 +132,7 @@ class Evaluator:
                     if self.channels_last and xb.dim() == 4:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     tb = task[s:s + bs]
-                    scores = self.strategy.predict(xb, tb if self.task_given else None).float()
+                    scores = self.predict_fn()(xb, tb if self.task_given else None).float()
                     scores = scores.masked_fill(~mask[tb], float("-inf"))
                     out.append(scores.argmax(1) == y[s:s + bs])
         finally:
@@ -267,6 +282,7 @@ class Evaluator:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -36,3 +36,27 @@ def test_precision_resolution_and_errors():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ClbenchError, match="fp32, bf16"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_compiled_predict_sees_every_optimiser_step(tmp_path):
+    """eval.compile: the compiled predict equals the eager one, also after the weights changed."""
+    pytest.importorskip("torch._inductor")
+    overrides = [f"output_dir={tmp_path}", "name=c", "logging.console=false", "logging.tensorboard=false",
+                 "checkpoint.enabled=false", "train.iterations=5", "eval.every=0", "eval.baseline=false",
+                 "eval.compile=default", "scenario.n_tasks=2"]
+    engine = Engine(load_config(None, overrides))
+    evaluator, model = engine.evaluator, engine.model
+    x = engine.ctx.inputs(evaluator.x[:64])  # real test images of the stream
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(evaluator.predict_fn()(x, None), engine.strategy.predict(x, None))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # what an optimiser step does: in place
+    with torch.inference_mode():
+        torch.testing.assert_close(evaluator.predict_fn()(x, None), engine.strategy.predict(x, None))
+
+
+def test_unknown_compile_mode_is_refused(tmp_path):
+    with pytest.raises(ClbenchError, match="reduce-overhead"):
+        Engine(load_config(None, [f"output_dir={tmp_path}", "name=d", "eval.compile=fast", "logging.console=false"]))
