@@ -52,6 +52,11 @@ def common_args(parser, default_subset: int = 1000) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128; --quick: 32)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="evaluation batch size (default: clbench's automatic choice, 256 on CPU, 2048 on CUDA)")
+    parser.add_argument("--eval-precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="clbench's eval.precision (default fp32: the same arithmetic as the plain evaluator "
+                             "and Avalanche; bf16 is clbench's GPU default)")
+    parser.add_argument("--eval-compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="clbench's eval.compile (torch.compile of predict; reduce-overhead = CUDA graphs)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (no momentum, no weight decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -121,6 +126,7 @@ def clbench_overrides(args, *, every: int, out_dir: str, name: str) -> list[str]
         "train.amp=none", "train.scheduler=none", "train.warmup_iters=0", "train.grad_clip=null",
         f"eval.every={every}", f"eval.subset_size={args.subset_size}",
         *([f"eval.batch_size={args.eval_batch_size}"] if args.eval_batch_size else []),
+        f"eval.precision={args.eval_precision}", f"eval.compile={args.eval_compile}",
         "logging.console=false", "logging.progress=false", "logging.tensorboard=false", "logging.jsonl=false",
         "logging.wandb.enabled=false", "checkpoint.enabled=false", "checkpoint.every=0",
         f"device={args.device}", f"seed={args.seed}", f"output_dir={out_dir}", f"name={name}",

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
             "dataset": data["dataset"], "model": args.workload["model_name"], "quick": args.quick,
             "train_images": data["train_images"], "test_images": data["test_images"], "experiences": 5,
             "batch_size": args.batch_size, "epochs": 1, "iterations": eval_sum["iterations"],
-            "optimizer": f"sgd(lr={args.lr})", "precision": "fp32", "augment": "none",
+            "optimizer": f"sgd(lr={args.lr})", "precision": "fp32", "eval_precision": args.eval_precision, "eval_compile": args.eval_compile, "augment": "none",
             "eval_subset_size": args.subset_size, "eval_tasks": "seen", "eval_batch_size": int(cfg.eval.batch_size),
             "seed": args.seed,
         },
