@@ -22,6 +22,16 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny models, which are overhead-bound: one intra-op thread is as fast, and far faster
+    than two on a busy 2-core machine (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_mnist(per_class_train: int, per_class_test: int):
     """The first ``per_class_*`` images of each digit of the real MNIST (deterministic)."""
     from clbench.data import ImageDataset, ImageSplit, load_dataset

@@ -20,13 +20,7 @@ from clbench.transforms import Preprocess
 from scenarios import build_stream
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models are overhead-bound: one thread is faster, and robust to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------- the layer

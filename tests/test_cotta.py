@@ -32,13 +32,7 @@ CIFAR_TAR = SHARED / "cifar10-jpeg" / "CIFAR-10-images-jpg.tar.gz"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _tiny_model(width: int = 4, depth: int = 20) -> nn.Module:

@@ -25,13 +25,7 @@ FAST = ["strategy=fetril", "logging.console=false", "logging.tensorboard=false",
 MLP = ("model=mlp", "model.hidden=[64]")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These runs are tiny: one intra-op thread avoids oversubscription on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def make_cfg(tmp_path, *overrides, name="run", model=MLP):

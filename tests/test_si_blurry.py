@@ -26,13 +26,7 @@ FAST = ["logging.console=false", "logging.tensorboard=false", "checkpoint.enable
         "model.hidden=[32]", "train.optimizer=adam", "train.lr=0.003", "train.reset_optimizer=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and spares the cores when they are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def synthetic_labels(n_classes: int = 100, per_class: int = 50, seed: int = 0) -> torch.Tensor:
