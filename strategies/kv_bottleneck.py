@@ -79,14 +79,22 @@ class KeyValueBottleneck(nn.Module):
         """``[B, C, d_k]``: ``h_c = z R_c``."""
         return torch.einsum("bd,cdk->bck", z.float(), self.proj)
 
-    def select(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Nearest key per codebook, ``[B, C]``; keys where ``mask`` (``[C, J]``) is False are skipped."""
-        hc = h.transpose(0, 1)  # [C, B, dk]
-        dist = (self.keys.pow(2).sum(-1).unsqueeze(1)  # [C, 1, J]
-                - 2 * torch.bmm(hc, self.keys.transpose(1, 2)))  # [C, B, J]; ||h||^2 is constant per row
-        if mask is not None:
-            dist = dist.masked_fill(~mask.unsqueeze(1), float("inf"))
-        return dist.argmin(-1).transpose(0, 1)
+    def select(self, h: torch.Tensor, mask: torch.Tensor | None = None, max_elements: int = 1 << 27) -> torch.Tensor:
+        """Nearest key per codebook, ``[B, C]``; keys where ``mask`` (``[C, J]``) is False are skipped.
+        The ``[C, b, J]`` distance block is computed ``b`` samples at a time so that it holds at most
+        ``max_elements`` values (512 MB in fp32): at the paper's size (C=256, J=4096) an evaluation
+        batch of 2048 would otherwise need 8.6 GB."""
+        c, j, _ = self.keys.shape
+        key_norms = self.keys.pow(2).sum(-1).unsqueeze(1)  # [C, 1, J]
+        step = max(1, max_elements // (c * j))
+        out = []
+        for s in range(0, h.shape[0], step):
+            hc = h[s:s + step].transpose(0, 1)  # [C, b, dk]
+            dist = key_norms - 2 * torch.bmm(hc, self.keys.transpose(1, 2))  # [C, b, J]; ||h||^2 is constant per row
+            if mask is not None:
+                dist = dist.masked_fill(~mask.unsqueeze(1), float("inf"))
+            out.append(dist.argmin(-1).transpose(0, 1))
+        return torch.cat(out) if out else torch.zeros(0, c, dtype=torch.long, device=h.device)
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
         """Codebook-voting logits: mean over codebooks of the selected values, ``[B, d_v]``."""

@@ -242,3 +242,15 @@ def test_efficientnet_lite0_weights_load():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(model.eval().features(x), other.eval().extract_features(x).mean((2, 3)))
+
+
+def test_kv_selection_in_chunks_equals_one_block_and_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    kv = KeyValueBottleneck(in_dim=12, codebooks=5, keys=16, key_dim=3, value_dim=4, generator=gen)
+    h = kv.heads(torch.randn(37, 12, generator=gen))
+    brute = torch.cdist(h.transpose(0, 1), kv.keys).argmin(-1).T  # [B, C]
+    torch.testing.assert_close(kv.select(h), brute)
+    torch.testing.assert_close(kv.select(h, max_elements=5 * 16 * 4), brute)  # 4 samples per block
+    mask = torch.rand(5, 16, generator=gen) > 0.5
+    mask[:, 0] = True
+    torch.testing.assert_close(kv.select(h, mask, max_elements=1), kv.select(h, mask))  # one sample per block
