@@ -4,8 +4,8 @@ Methods (the ones the MVP paper, Moon et al. ICCV 2023, compares with that clben
 replay (ER), ewc, l2p, dualprompt, mvp -- on the ViT-Tiny/8 at 64 px pretrained on Tiny-ImageNet
 classes 0..99 (``model=timm arch=vit_tiny_patch8_64``, ImageNet normalisation), two datasets:
 
-* ``cifar10``: CIFAR-10 (the JPEG copy) **upsampled to 64 px** (bilinear, once, in memory: dataset
-  ``cifar10_64``, which this file registers when it is imported as a plug-in -- see below), so the
+* ``cifar10``: CIFAR-10 (the JPEG copy) **upsampled to 64 px** on the fly (the engine resizes the
+  inputs of a fixed-size ViT, ``model.input_size``; augmentation happens at 32 px first), so the
   ViT sees objects at the scale it was pretrained at, 8x8 patches of 8 px and its own position
   embeddings (as the paper resizes 32-px CIFAR to the ViT's 224).  ``--cifar-input dynamic``
   instead feeds the 32-px images to timm's ``dynamic_img_size`` ViT (position embeddings
@@ -52,9 +52,6 @@ tasks with N/M as above, batch 16, evaluation every 100 samples, ER memory 50, n
 augmentation; the ``cifar10`` row goes through the same upsampling as the real run (8 -> 16 px, ViT
 at 16 px).  About 25 s on the shared 2-core CPU.  It checks that every row runs and that the
 JSON is sane, not what it scores.  Progress goes to stderr.
-
-Plug-in: ``configs/si_blurry_cifar10_vit.yaml`` lists this file under ``plugins``, so that
-``clbench run configs/si_blurry_cifar10_vit.yaml`` registers ``cifar10_64`` too.
 """
 
 from __future__ import annotations
@@ -80,8 +77,6 @@ from pretrained_tiny_imagenet100 import (
 CONFIGS = {"cifar10": REPO / "configs" / "si_blurry_cifar10_vit.yaml",
            "tiny_imagenet100": REPO / "configs" / "si_blurry_tiny_imagenet100_vit.yaml"}
 BUFFER = {"cifar10": 500, "tiny_imagenet100": 2000}  # ER memory (the paper's 2000 is for 100+ classes)
-UPSAMPLED = "cifar10_64"  # CIFAR-10 bilinearly upsampled to the ViT's 64 px
-QUICK_UPSAMPLED = QUICK_DATASET + "_16"
 FULL_FT_LR = 1e-4  # finetune / replay / ewc: the whole ViT at a fine-tuning learning rate
 METRICS = ("a_auc", "a_last", "a_avg", "f_last")
 
@@ -97,64 +92,11 @@ METHODS: list[tuple[str, str, list[str]]] = [
 QUICK_SIZES = {"replay": ["strategy.replay_batch_size=8"], "l2p": ["strategy.pool_size=10"]}
 
 
-# ---------------------------------------------------------------------------- data
-def upsample_dataset(d, size: int, name: str):
-    """``d`` with every image bilinearly resized to ``size`` x ``size`` (uint8, in chunks)."""
-    from torch.nn import functional as F
-
-    from clbench.data import ImageDataset, ImageSplit
-
-    def up(split: ImageSplit) -> ImageSplit:
-        out = torch.empty((split.x.shape[0], split.x.shape[1], size, size), dtype=torch.uint8)
-        for i in range(0, split.x.shape[0], 2048):
-            x = split.x[i:i + 2048].float()
-            out[i:i + 2048] = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) \
-                .round_().clamp_(0, 255).to(torch.uint8)
-        return ImageSplit(out, split.y)
-
-    return ImageDataset(name, up(d.train), up(d.test), d.class_names, d.mean, d.std)
-
-
-_CACHE: dict[tuple, Any] = {}
-
-
-def load_cifar10_64(root: str | None = None, cache_dir: str | None = None):
-    """CIFAR-10 (``scenario.data_root``: the JPEG copy or the python batches) upsampled to 64 px."""
-    from clbench.data import load_dataset
-
-    key = (root, cache_dir)
-    if key not in _CACHE:
-        _CACHE[key] = upsample_dataset(load_dataset("cifar10", root, cache_dir), 64, UPSAMPLED)
-    return _CACHE[key]
-
-
-def _register_upsampled() -> None:
-    from clbench.registry import DATASETS, register_dataset
-
-    if UPSAMPLED not in DATASETS:
-        register_dataset(UPSAMPLED, description="CIFAR-10 bilinearly upsampled to 64 px (benchmarks/si_blurry_mvp.py)")(
-            load_cifar10_64)
-
-
-if __name__ != "__main__":  # imported as a plug-in (configs/si_blurry_cifar10_vit.yaml) or a module
-    _register_upsampled()
-
-
-def register_quick_datasets() -> None:
-    from clbench.data import load_dataset
-    from clbench.registry import register_dataset
-
-    register_quick_dataset()  # bench_digits_rgb (8 px)
-    up = upsample_dataset(load_dataset(QUICK_DATASET), 16, QUICK_UPSAMPLED)
-    register_dataset(QUICK_UPSAMPLED, description="benchmark: digits as RGB, upsampled to 16 px")(
-        lambda root=None, cache_dir=None: up)
-
-
 # ---------------------------------------------------------------------------- runs
 def dataset_overrides(args, dataset: str) -> list[str]:
     if args.quick:
-        size = 16 if dataset == "cifar10" else 8
-        return ["scenario=si_blurry", f"scenario.dataset={QUICK_UPSAMPLED if size == 16 else QUICK_DATASET}",
+        size = 16 if dataset == "cifar10" else 8  # cifar10 row: 8-px images upsampled to a 16-px ViT, as 32 -> 64
+        return ["scenario=si_blurry", f"scenario.dataset={QUICK_DATASET}",
                 "scenario.n_tasks=5", "scenario.disjoint_percent=50", "scenario.blurry_percent=10",
                 "scenario.variant=stochastic",
                 "model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=false", "model.normalize=dataset",
@@ -245,12 +187,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
 
-    from clbench.config import load_plugins
     from clbench.registry import STRATEGIES
 
-    load_plugins([str(Path(__file__).resolve())])  # registers cifar10_64 under the plug-in's module name (as the config does)
     if args.quick:
-        register_quick_datasets()
+        register_quick_dataset()
     known = set(STRATEGIES.names())
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     results = []

@@ -95,7 +95,7 @@ class Engine:
         self.strategy: Strategy = strategy_entry.obj(cfg.strategy)
         mean, std = getattr(self.model, "input_stats", None) or (stream.mean, stream.std)
         self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
-                           preprocess=Preprocess(mean, std, cfg.train.augment))
+                           preprocess=Preprocess(mean, std, cfg.train.augment, size=getattr(self.model, "input_size", None)))
         self.ctx.class_mask = self.stream.class_mask(0).to(self.device)
         self.online = cfg.train.online
         if self.online:

@@ -12,20 +12,24 @@ AUGMENTATIONS = ("none", "flip", "crop_flip")
 
 
 class Preprocess:
-    """``(x / 255 - mean) / std``, with optional training augmentation.
+    """``(x / 255 - mean) / std``, with optional training augmentation, then a bilinear resize to
+    ``size`` when the model needs another input size than the data's (augmentation happens at the
+    data's resolution, e.g. 4-px crops of a 32-px CIFAR image fed to a 64-px ViT).
 
     ``crop_flip``: random crop of the original size from the image zero-padded by ``pad``
     pixels (black padding, as torchvision's ``RandomCrop(padding=4)``), then a horizontal flip
     with probability 1/2.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: str = "none", pad: int = 4):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: str = "none", pad: int = 4,
+                 size: tuple[int, int] | None = None):
         if augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation '{augment}'; valid: {', '.join(AUGMENTATIONS)}")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment
         self.pad = pad
+        self.size = tuple(size) if size is not None else None  # resize to the model's input size (bilinear)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +45,10 @@ class Preprocess:
             out = random_crop(out, self.pad)
         if train and self.augment in ("flip", "crop_flip"):
             out = random_flip(out)
-        return out.sub_(mean).div_(std)
+        out = out.sub_(mean).div_(std)
+        if self.size is not None and tuple(out.shape[-2:]) != self.size:
+            out = torch.nn.functional.interpolate(out, size=self.size, mode="bilinear", align_corners=False)
+        return out
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,27 @@ def test_engine_normalises_with_the_models_statistics(tmp_path):
     assert engine.ctx.preprocess.mean.flatten().tolist() == [0.5]  # grayscale digits: one channel
     summary = engine.run()
     assert 0.0 <= summary["acc"] <= 1.0
+
+
+def test_engine_resizes_inputs_to_a_fixed_size_vit(tmp_path):
+    """8-px digits into a ViT built for 16 px: upsampled by the preprocessing, train and eval alike."""
+    from clbench.config import load_config
+    from clbench.engine import Engine
+
+    kwargs = {**TINY_KWARGS, "img_size": 16}
+    overrides = [f"output_dir={tmp_path}", "name=vit16", "logging.console=false", "logging.tensorboard=false",
+                 "checkpoint.enabled=false", "train.iterations=2", "eval.every=0", "scenario.n_tasks=2",
+                 "train.augment=crop_flip", "model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=false",
+                 *[f"model.kwargs.{k}={v}" for k, v in kwargs.items()]]
+    engine = Engine(load_config(None, overrides))
+    assert engine.model.input_size == (16, 16)
+    x = engine.stream.train.x[:4]
+    assert engine.ctx.inputs(x, train=True).shape == (4, 1, 16, 16)
+    assert engine.ctx.inputs(x).shape == (4, 1, 16, 16)
+    assert 0.0 <= engine.run()["acc"] <= 1.0
+
+
+def test_any_size_models_are_not_resized():
+    kwargs = {**TINY_KWARGS, "img_size": 16, "dynamic_img_size": True}
+    assert timm_model(TimmConfig(arch="vit_tiny_patch16_224", pretrained=False, kwargs=kwargs), (1, 8, 8), 3).input_size is None
+    assert timm_model(_tiny_cfg(), (1, 8, 8), 3).input_size is None  # built for the data's 8 px

@@ -16,7 +16,9 @@ class Classifier(nn.Module):
     """``head(backbone(x))``; ``backbone`` maps an input batch to ``[B, feature_dim]`` features.
 
     ``input_stats``: the ``(mean, std)`` input normalisation that pretrained weights expect; the
-    engine uses it instead of the dataset's statistics when it is set.
+    engine uses it instead of the dataset's statistics when it is set.  ``input_size``: the
+    ``(H, W)`` a fixed-size model (a ViT's position embeddings) needs; the engine resizes inputs
+    of another size to it.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
@@ -25,6 +27,7 @@ class Classifier(nn.Module):
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, num_classes)
         self.input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self.input_size: tuple[int, int] | None = None  # (H, W) the model needs; inputs are resized to it
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

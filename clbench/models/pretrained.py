@@ -142,4 +142,17 @@ def timm_model(cfg: TimmConfig, input_shape: tuple[int, int, int], num_classes: 
             raise ClbenchError(f"model.normalize={cfg.normalize} has {len(stats[0])} channels, the data {input_shape[0]}")
         stats = ((sum(stats[0]) / len(stats[0]),), (sum(stats[1]) / len(stats[1]),))  # grayscale: channel mean
     model.input_stats = stats
+    model.input_size = fixed_input_size(backbone.model, input_shape)
     return model
+
+
+def fixed_input_size(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, int] | None:
+    """The ``(H, W)`` a timm ViT's position embeddings fix, when the data's size differs from it
+    (CIFAR's 32 px into a 64-px ViT: the engine upsamples, as the papers resize to 224); None for
+    models that take any size (CNNs, ``dynamic_img_size=True``)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None or getattr(model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad", False):
+        return None
+    size = tuple(int(v) for v in size)
+    return None if size == tuple(input_shape[1:]) else size
