@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `scenarios`/`strategies` live next to `clbench` (editable install or not)
@@ -38,6 +40,32 @@ def log(*args: Any) -> None:
 def emit(result: dict[str, Any]) -> None:
     """The script's one line of output."""
     print(json.dumps(result, sort_keys=False), flush=True)
+
+
+def mean_std(values: list[float | None]) -> dict[str, float | None]:
+    """Mean and sample std (0 for one value) of the non-None values, rounded to 4 digits."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None}
+    return {"mean": round(statistics.fmean(vals), 4), "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
+
+
+def seed_row(key: str, seeds, run_seed: Callable[[int], dict[str, Any]],
+             metrics: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None]:
+    """One table row: ``run_seed(seed)`` for every seed, then mean/std per metric plus the
+    per-seed results; or ``(None, reason)`` when a run fails (one failing row does not stop a table)."""
+    runs = []
+    try:
+        for seed in seeds:
+            log(f"[{key}] seed {seed} ...")
+            runs.append(run_seed(seed))
+            log(f"[{key}] seed {seed}: {runs[-1]}")
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        return None, f"failed: {type(err).__name__}: {str(err)[:300]}"
+    row: dict[str, Any] = {m: mean_std([r[m] for r in runs]) for m in metrics}
+    row["per_seed"] = runs
+    return row, None
 
 
 def common_args(parser, default_subset: int = 1000) -> None:

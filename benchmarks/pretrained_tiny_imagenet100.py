@@ -33,16 +33,15 @@ Prints one JSON line on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, data_root, emit, log  # noqa: E402
+from _common import REPO, data_root, emit, seed_row  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -160,13 +159,6 @@ def run_one(args, label: str, strategy: str, extra: list[str], backbone: str, se
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def mean_std(values: list[float | None]) -> dict[str, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None}
-    return {"mean": round(statistics.fmean(vals), 4), "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3; --quick: 1)")
@@ -197,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         register_quick_dataset()
     elif args.images_per_class is not None:
         register_subsampled_tiny_imagenet(args.images_per_class, args.test_images_per_class)
-    known = set(STRATEGIES.names()) if hasattr(STRATEGIES, "names") else None
+    known = set(STRATEGIES.names())
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods]
     table: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -209,39 +201,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if backbone != "vit" and label in NEEDS_VIT:
                     skipped[key] = "needs a ViT backbone"
                     continue
-                if not _registered(strategy, known):
+                if strategy not in known:
                     skipped[key] = f"strategy '{strategy}' is not registered (strategies/{strategy}.py missing)"
                     continue
-                runs = []
-                try:
-                    for seed in range(args.seeds):
-                        log(f"[{key}] seed {seed} ...")
-                        runs.append(run_one(args, label, strategy, extra, backbone, seed, out_dir))
-                        log(f"[{key}] seed {seed}: {runs[-1]}")
-                except Exception as err:  # one failing row does not stop the table
-                    traceback.print_exc(file=sys.stderr)
-                    skipped[key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
-                    continue
-                table[key] = {m: mean_std([r[m] for r in runs]) for m in ("acc", "forgetting", "min_acc")}
-                table[key]["per_seed"] = runs
+                row, failure = seed_row(key, range(args.seeds),
+                                        partial(run_one, args, label, strategy, extra, backbone, out_dir=out_dir),
+                                        ("acc", "forgetting", "min_acc"))
+                if failure:
+                    skipped[key] = failure
+                else:
+                    table[key] = row
     result = {"benchmark": "pretrained_tiny_imagenet100", "quick": args.quick, "seeds": args.seeds,
               "device": args.device, "config": None if args.quick else (str(CONFIG.relative_to(REPO)) if CONFIG.is_file() else "built-in overrides"),
               "backbones": args.backbones, "results": table, "skipped": skipped,
               "wall_s": round(time.perf_counter() - t_start, 1)}
     emit(result)
     return result
-
-
-def _registered(name: str, known: set[str] | None) -> bool:
-    from clbench.registry import ClbenchError, STRATEGIES
-
-    if known is not None:
-        return name in known
-    try:
-        STRATEGIES.get(name)
-        return True
-    except (ClbenchError, KeyError):
-        return False
 
 
 if __name__ == "__main__":

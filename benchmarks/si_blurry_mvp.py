@@ -60,19 +60,14 @@ import argparse
 import sys
 import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import REPO, emit, log
-from pretrained_tiny_imagenet100 import (
-    QUICK_DATASET,
-    _registered,
-    mean_std,
-    register_quick_dataset,
-)
+from _common import REPO, emit, seed_row
+from pretrained_tiny_imagenet100 import QUICK_DATASET, register_quick_dataset
 
 CONFIGS = {"cifar10": REPO / "configs" / "si_blurry_cifar10_vit.yaml",
            "tiny_imagenet100": REPO / "configs" / "si_blurry_tiny_imagenet100_vit.yaml"}
@@ -131,21 +126,15 @@ def table_for(args, dataset: str, methods, known, out_dir: str) -> dict[str, Any
     skipped: dict[str, str] = {}
     t0 = time.perf_counter()
     for label, strategy, extra in methods:
-        if not _registered(strategy, known):
+        if strategy not in known:
             skipped[label] = f"strategy '{strategy}' is not registered (strategies/{strategy}.py missing)"
             continue
-        runs = []
-        try:
-            for seed in args.seeds:
-                log(f"[{dataset}/{label}] seed {seed} ...")
-                runs.append(run_one(args, dataset, label, strategy, extra, seed, out_dir))
-                log(f"[{dataset}/{label}] seed {seed}: {runs[-1]}")
-        except Exception as err:  # noqa: BLE001 - one failing row does not stop the table
-            traceback.print_exc(file=sys.stderr)
-            skipped[label] = f"failed: {type(err).__name__}: {str(err)[:300]}"
-            continue
-        table[label] = {m: mean_std([r[m] for r in runs]) for m in METRICS}
-        table[label]["per_seed"] = runs
+        row, failure = seed_row(f"{dataset}/{label}", args.seeds,
+                                partial(run_one, args, dataset, label, strategy, extra, out_dir=out_dir), METRICS)
+        if failure:
+            skipped[label] = failure
+        else:
+            table[label] = row
     auc = {k: (table[k]["a_auc"]["mean"] if k in table else None) for k in ("mvp", "l2p", "dualprompt")}
     check = None if None in auc.values() else bool(auc["mvp"] > auc["l2p"] and auc["mvp"] > auc["dualprompt"])
     if args.quick:
