@@ -25,15 +25,15 @@ released code does.  The buffer starts being replayed as soon as it holds a samp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
 
-from clbench.buffers import ReservoirBuffer
-from clbench.norms import NormControl, NormOptions
+from clbench.norms import NormOptions
 from clbench.registry import register_strategy
-from clbench.strategy import Batch, Context, Strategy, StrategyConfig, masked_cross_entropy
+from clbench.strategy import Batch, Context, StrategyConfig, masked_cross_entropy
+from strategies._joint_replay import JointReplayStrategy
 
 
 @dataclass
@@ -49,20 +49,16 @@ class DERPPConfig(NormOptions, StrategyConfig):
 
 @register_strategy("derpp", config=DERPPConfig,
                    description="DER++ (beta=0: DER), one joint forward of incoming + 2 buffer draws; norm bn|adab2n")
-class DERPP(Strategy):
+class DERPP(JointReplayStrategy):
     """DER++ on one joint forward; BatchNorm or AdaB2N."""
 
     cfg: DERPPConfig
 
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
-        self.norm = NormControl(self.cfg)
-        self.norm.setup(model, ctx.stream.n_tasks)
-        self.buffer = ReservoirBuffer(self.cfg.buffer_size, seed=ctx.seed)
         self._sizes = (0, 0, 0)  # incoming, draw 1, draw 2
         self._stored_logits: torch.Tensor | None = None  # draw 1's logits from the buffer
         self._incoming_logits: torch.Tensor | None = None  # this step's incoming logits (stored in after_step)
-        self.last_terms: dict[str, torch.Tensor] = {}
 
     def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
         n = len(batch)
@@ -83,7 +79,7 @@ class DERPP(Strategy):
         return full
 
     def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        out = self.norm.forward(self.model, x, batch.task, ctx.stream[ctx.experience].task_id)
+        out = super().forward(x, batch, ctx)
         self._incoming_logits = out[: self._sizes[0]].detach().float()
         return out
 
@@ -106,19 +102,8 @@ class DERPP(Strategy):
             ce2 = self._ce(logits, batch, slice(n + n1, n + n1 + n2), ctx)
             loss = loss + self.cfg.beta * ce2
             terms["beta_ce"] = ce2
-        penalty = self.norm.penalty(self.model, ctx.experience)
-        if penalty is not None:
-            loss = loss + penalty
-            terms["norm"] = penalty
-        self.last_terms = {k: v.detach() for k, v in terms.items()}
-        return loss
+        return self.total_loss(loss, terms, ctx)
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         self.buffer.add(x=batch.x, y=batch.y, task=batch.task, logits=self._incoming_logits)
         self._incoming_logits = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])

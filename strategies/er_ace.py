@@ -34,10 +34,10 @@ from typing import Any, Optional
 import torch
 from torch.nn import functional as F
 
-from clbench.buffers import ReservoirBuffer
-from clbench.norms import NormControl, NormOptions
+from clbench.norms import NormOptions
 from clbench.registry import register_strategy
-from clbench.strategy import Batch, Context, Strategy, StrategyConfig, masked_cross_entropy
+from clbench.strategy import Batch, Context, StrategyConfig, masked_cross_entropy
+from strategies._joint_replay import JointReplayStrategy
 
 
 @dataclass
@@ -50,19 +50,15 @@ class ERACEConfig(NormOptions, StrategyConfig):
 
 @register_strategy("er_ace", config=ERACEConfig,
                    description="ER-ACE: replay with asymmetric cross-entropy (one joint forward; norm bn|adab2n)")
-class ERACE(Strategy):
+class ERACE(JointReplayStrategy):
     """ER-ACE on one joint forward of incoming + buffer samples; BatchNorm or AdaB2N."""
 
     cfg: ERACEConfig
 
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
-        self.norm = NormControl(self.cfg)
-        self.norm.setup(model, ctx.stream.n_tasks)
-        self.buffer = ReservoirBuffer(self.cfg.buffer_size, seed=ctx.seed)
         self.seen = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
         self._n_incoming = 0
-        self.last_terms: dict[str, float] = {}
 
     def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
         self._n_incoming = len(batch)
@@ -70,9 +66,6 @@ class ERACE(Strategy):
             return batch
         stored = self.buffer.sample(self.cfg.replay_batch_size or len(batch))
         return batch.cat(Batch(stored["x"], stored["y"], stored["task"]))
-
-    def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        return self.norm.forward(self.model, x, batch.task, ctx.stream[ctx.experience].task_id)
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         n = self._n_incoming
@@ -93,19 +86,14 @@ class ERACE(Strategy):
             loss_buf = masked_cross_entropy(logits[n:], batch.y[n:], buf_allowed)
             loss = loss + loss_buf
             terms["ce_buffer"] = loss_buf
-        penalty = self.norm.penalty(self.model, ctx.experience)
-        if penalty is not None:
-            loss = loss + penalty
-            terms["norm"] = penalty
-        self.last_terms = {k: v.detach() for k, v in terms.items()}
-        return loss
+        return self.total_loss(loss, terms, ctx)
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         self.buffer.add(x=batch.x, y=batch.y, task=batch.task)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "seen": self.seen.cpu()}
+        return {**super().state_dict(), "seen": self.seen.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        super().load_state_dict(state)
         self.seen = state["seen"].to(self.seen.device)

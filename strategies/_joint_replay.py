@@ -1,0 +1,45 @@
+"""What ER-ACE and DER++ share for the AdaB2N comparison (Lyu et al., NeurIPS 2023): BatchNorm or
+AdaB2N (:class:`clbench.norms.NormControl`), a reservoir buffer, ONE joint forward of incoming and
+buffer samples whichever the norm, and AdaB2N's regulariser added to the loss.  Not a registered
+strategy (a module starting with ``_`` is not scanned by the registry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clbench.buffers import ReservoirBuffer
+from clbench.norms import NormControl
+from clbench.strategy import Batch, Context, Strategy
+
+
+class JointReplayStrategy(Strategy):
+    """Base of :class:`strategies.er_ace.ERACE` and :class:`strategies.der.DERPP`; ``cfg`` is a
+    :class:`clbench.norms.NormOptions` with a ``buffer_size``."""
+
+    def setup(self, model, ctx: Context) -> None:
+        super().setup(model, ctx)
+        self.norm = NormControl(self.cfg)
+        self.norm.setup(model, ctx.stream.n_tasks)
+        self.buffer = ReservoirBuffer(self.cfg.buffer_size, seed=ctx.seed)
+        self.last_terms: dict[str, torch.Tensor] = {}  # the loss terms of the last step (tests, debugging)
+
+    def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """The joint forward; with AdaB2N each sample's task weights its batch statistics."""
+        return self.norm.forward(self.model, x, batch.task, ctx.stream[ctx.experience].task_id)
+
+    def total_loss(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:
+        """``loss`` plus AdaB2N's ``lambda`` term when it applies; records ``terms`` (and ``norm``)."""
+        penalty = self.norm.penalty(self.model, ctx.experience)
+        if penalty is not None:
+            loss = loss + penalty
+            terms["norm"] = penalty
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
