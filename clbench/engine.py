@@ -156,9 +156,7 @@ class Engine:
         ctx.experience = k
         ctx.class_mask = stream.class_mask(k).to(self.device)
         train_exps = self.strategy.training_experiences(exp, ctx)
-        sample_idx = torch.cat([e.train_idx for e in train_exps] + [torch.zeros(0, dtype=torch.long)])
-        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)]
-                               + [torch.zeros(0, dtype=torch.long)])
+        sample_idx, sample_exp = training_samples(train_exps)
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
         self._prepare_experience(exp, n_iter)
         start = self.position.experience_iteration
@@ -213,9 +211,7 @@ class Engine:
         allowed = stream.class_mask(k).to(self.device)  # what the protocol allows (task-IL: the task's classes)
         ctx.class_mask = allowed & self.exposed
         train_exps = self.strategy.training_experiences(exp, ctx)
-        sample_idx = torch.cat([e.train_idx for e in train_exps] + [torch.zeros(0, dtype=torch.long)])
-        sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)]
-                               + [torch.zeros(0, dtype=torch.long)])
+        sample_idx, sample_exp = training_samples(train_exps)
         bs, reps, period = cfg.train.batch_size, cfg.train.online_iter, cfg.eval.every_samples
         n_batches = math.ceil(sample_idx.numel() / bs)
         n_iter = n_batches * reps
@@ -440,6 +436,15 @@ class LossLog:
 
 
 # ---------------------------------------------------------------------- helpers
+def training_samples(train_exps: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training-set indices of ``train_exps`` concatenated, and for each the position of its
+    experience in ``train_exps`` (both empty when no experience has samples)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    sample_idx = torch.cat([e.train_idx for e in train_exps] + [empty])
+    sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)] + [empty])
+    return sample_idx, sample_exp
+
+
 def iterations_per_experience(n_samples: int, cfg) -> int:
     """Gradient steps for an experience; 0 when the strategy trains on no samples (e.g. FeTrIL)."""
     if n_samples == 0:
