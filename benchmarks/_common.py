@@ -85,6 +85,15 @@ def common_args(parser, default_subset: int = 1000) -> None:
                              "and Avalanche; bf16 is clbench's GPU default)")
     parser.add_argument("--eval-compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                         help="clbench's eval.compile (torch.compile of predict; reduce-overhead = CUDA graphs)")
+    parser.add_argument("--eval-overlap", action="store_true",
+                        help="clbench's eval.overlap: periodic evaluation on a weight snapshot on a side CUDA stream")
+    parser.add_argument("--train-amp", default="none", choices=["none", "bf16"], help="clbench's train.amp")
+    parser.add_argument("--channels-last", action="store_true", help="clbench's train.channels_last (GPU)")
+    parser.add_argument("--train-compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="clbench's train.compile (torch.compile of the model's forward)")
+    parser.add_argument("--fast", action="store_true",
+                        help="clbench's fast GPU settings at once: bf16 training and evaluation, channels-last, "
+                             "eval.overlap, train.compile=default (numbers then differ from fp32 by bf16 rounding)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (no momentum, no weight decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -106,6 +115,9 @@ def resolve(args, default_subset: int = 1000) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.eval_batch_size is None:  # what clbench's eval.batch_size=0 (auto) picks, passed explicitly to both
         args.eval_batch_size = 256 if torch.device(args.device).type == "cpu" else 2048
+    if args.fast:
+        args.eval_precision, args.train_amp, args.channels_last = "bf16", "bf16", True
+        args.eval_overlap, args.train_compile = True, args.train_compile if args.train_compile != "none" else "default"
     if args.threads is None and torch.device(args.device).type == "cpu":
         args.threads = 1
     if args.threads:
@@ -145,13 +157,15 @@ def register_bench_dataset(args) -> dict[str, Any]:
 
 
 def clbench_overrides(args, *, every: int, out_dir: str, name: str) -> list[str]:
-    """The clbench config of the workload (fine-tuning, SGD, fp32, no augmentation, loggers off)."""
+    """The clbench config of the workload (fine-tuning, SGD, no augmentation, loggers off; fp32
+    unless --train-amp/--eval-precision/--fast say otherwise)."""
     return [
         "scenario=class_incremental", f"scenario.dataset={BENCH_DATASET}", "scenario.data_root=null", "scenario.n_tasks=5",
         *args.workload["model"], "strategy=finetune",
         "train.optimizer=sgd", f"train.lr={args.lr}", "train.momentum=0.0", "train.weight_decay=0.0",
         f"train.batch_size={args.batch_size}", "train.epochs=1", "train.iterations=null", "train.augment=none",
-        "train.amp=none", "train.scheduler=none", "train.warmup_iters=0", "train.grad_clip=null",
+        f"train.amp={args.train_amp}", f"train.channels_last={str(args.channels_last).lower()}",
+        f"train.compile={args.train_compile}", f"eval.overlap={str(args.eval_overlap).lower()}", "train.scheduler=none", "train.warmup_iters=0", "train.grad_clip=null",
         f"eval.every={every}", f"eval.subset_size={args.subset_size}",
         *([f"eval.batch_size={args.eval_batch_size}"] if args.eval_batch_size else []),
         f"eval.precision={args.eval_precision}", f"eval.compile={args.eval_compile}",
@@ -159,6 +173,12 @@ def clbench_overrides(args, *, every: int, out_dir: str, name: str) -> list[str]
         "logging.wandb.enabled=false", "checkpoint.enabled=false", "checkpoint.every=0",
         f"device={args.device}", f"seed={args.seed}", f"output_dir={out_dir}", f"name={name}",
     ]
+
+
+def clbench_settings(args) -> dict[str, Any]:
+    """clbench's speed settings of this run, for the printed workload."""
+    return {"train_amp": args.train_amp, "channels_last": args.channels_last, "train_compile": args.train_compile,
+            "eval_precision": args.eval_precision, "eval_compile": args.eval_compile, "eval_overlap": args.eval_overlap}
 
 
 def load_clbench_config(args, **kw):
@@ -193,6 +213,7 @@ class EvalTimes:
     full: Timer = field(default_factory=Timer)
     # subset accuracies at the last periodic call of each experience: {n_seen-1: [acc_0, ..]}
     last_periodic: dict[int, list[float]] = field(default_factory=dict)
+    overlapped: bool = False  # eval.overlap: periodic calls counted but not timed
 
 
 @contextmanager
@@ -202,7 +223,8 @@ def timed_evaluator(device: str, enabled: bool = True) -> Iterator[EvalTimes]:
     from clbench.evaluation import Evaluator
 
     times = EvalTimes()
-    originals = {name: getattr(Evaluator, name) for name in ("periodic", "baseline", "experience_end")}
+    originals = {name: getattr(Evaluator, name)
+                 for name in ("periodic", "submit", "_periodic_metrics", "baseline", "experience_end")}
 
     def periodic(self, iteration, n_seen):
         if enabled:
@@ -214,8 +236,17 @@ def timed_evaluator(device: str, enabled: bool = True) -> Iterator[EvalTimes]:
         times.periodic.seconds += time.perf_counter() - t
         times.periodic.calls += 1
         times.periodic.images += int(self.ends[n_seen])
-        times.last_periodic[n_seen - 1] = [out[f"eval/acc/task_{k}"] for k in range(n_seen)]
         return out
+
+    def submit(self, iteration, n_seen):  # eval.overlap: counted, not timed (a sync would serialise it)
+        times.overlapped = True
+        times.periodic.calls += 1
+        times.periodic.images += int(self.ends[n_seen])
+        return originals["submit"](self, iteration, n_seen)
+
+    def periodic_metrics(self, iteration, accs):  # both paths: the accuracies of the last evaluation
+        times.last_periodic[len(accs) - 1] = [accs[k] for k in range(len(accs))]
+        return originals["_periodic_metrics"](self, iteration, accs)
 
     def full(name):
         def wrapper(self, *a, **kw):
@@ -232,6 +263,8 @@ def timed_evaluator(device: str, enabled: bool = True) -> Iterator[EvalTimes]:
         return wrapper
 
     Evaluator.periodic = periodic
+    Evaluator.submit = submit
+    Evaluator._periodic_metrics = periodic_metrics
     Evaluator.baseline = full("baseline")
     Evaluator.experience_end = full("experience_end")
     try:
@@ -242,14 +275,19 @@ def timed_evaluator(device: str, enabled: bool = True) -> Iterator[EvalTimes]:
 
 
 def inference_ceiling(model: torch.nn.Module, image_shape: tuple[int, ...], device: str,
-                      batch_sizes: tuple[int, ...], min_seconds: float) -> dict[str, Any]:
-    """The model's standalone inference throughput (fp32, eval mode, inference_mode, random
-    normalised inputs already on the device) at each batch size; the best is the ceiling."""
+                      batch_sizes: tuple[int, ...], min_seconds: float, precision: str = "fp32",
+                      channels_last: bool = False) -> dict[str, Any]:
+    """The model's standalone inference throughput (eval mode, inference_mode, random normalised
+    inputs already on the device; ``precision`` fp32 or bf16 autocast, optionally channels-last:
+    the evaluator's own arithmetic) at each batch size; the best is the ceiling."""
     model = model.eval()
     per_bs: dict[str, float] = {}
-    with torch.inference_mode():
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
         for bs in batch_sizes:
             x = torch.randn(bs, *image_shape, device=device)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             model(x)  # warm-up (allocator, cuDNN algorithm choice)
             model(x)
             sync(device)

@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 from _common import (
+    clbench_settings,
     common_args,
     device_info,
     emit,
@@ -222,8 +223,8 @@ def main(argv=None) -> None:
             "dataset": data["dataset"], "model": args.workload["model_name"], "quick": args.quick,
             "train_images": data["train_images"], "test_images": data["test_images"], "experiences": len(stream),
             "class_order": list(stream.class_order), "batch_size": args.batch_size, "epochs": 1,
-            "iterations": n_iter, "optimizer": f"sgd(lr={args.lr})", "precision": "fp32", "clbench_eval_precision": args.eval_precision,
-            "clbench_eval_compile": args.eval_compile, "augment": "none",
+            "iterations": n_iter, "optimizer": f"sgd(lr={args.lr})", "avalanche_precision": "fp32",
+            "clbench_settings": clbench_settings(args), "augment": "none",
             "eval_every": 1, "eval_subset_size": args.subset_size, "eval_tasks": "seen",
             "eval_batch_size": int(cfg.eval.batch_size), "seed": args.seed,
             "same_sample_order": True, "same_initial_weights": True,

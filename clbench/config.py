@@ -46,6 +46,8 @@ class TrainConfig:
     augment: str = "none"  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
     reset_optimizer: bool = True  # new optimiser state at each experience
     data_on_device: bool = True  # hold the whole stream on the device as uint8
+    channels_last: bool = False  # GPU: model weights and training inputs in channels-last (ignored on CPU)
+    compile: str = "none"  # torch.compile the model's forward: none | default | reduce-overhead | max-autotune
     online: bool = False  # online protocol: one pass in stream order, exposed-class masking (epochs/iterations ignored)
     online_iter: int = 1  # online: gradient steps per incoming batch (Si-Blurry: 3)
 
@@ -58,6 +60,7 @@ class EvalConfig:
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
     compile: str = "none"  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    overlap: bool = False  # offline loop: evaluate a weight snapshot on a side CUDA stream while training goes on
     windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
     recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)

@@ -104,6 +104,10 @@ class Engine:
         self._last_eval = -1  # online: samples_seen at the last evaluation
         self.strategy.setup(self.model, self.ctx)
         self.model.to(self.device)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        compile_model(self.model, cfg)
         self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval, online=self.online)
         self.resume_dir = resume_dir
         self.run_dir = resume_dir or make_run_dir(cfg, stream)
@@ -156,7 +160,7 @@ class Engine:
         ctx.experience = k
         ctx.class_mask = stream.class_mask(k).to(self.device)
         train_exps = self.strategy.training_experiences(exp, ctx)
-        sample_idx, sample_exp = training_samples(train_exps)
+        sample_idx, sample_exp, task_ids = training_samples(train_exps, stream.train.x.device)
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
         self._prepare_experience(exp, n_iter)
         start = self.position.experience_iteration
@@ -171,12 +175,13 @@ class Engine:
             if it < start:
                 continue
             ctx.experience_iteration = it
-            batch = self._fetch(idx, which, train_exps)
+            batch = self._fetch(idx, which, train_exps, task_ids)
             last = losses.record(self._step(batch), it, n_iter)
             if last or (eval_every > 0 and ctx.iteration % eval_every == 0):
-                self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
+                self._periodic_eval(k)
             if checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0 and not last:
                 self._save(Position(k, it + 1, ctx.iteration))
+        self._drain_evaluations()  # before after_experience may change what predict reads
         self.strategy.after_experience(exp, ctx)
         if n_iter == 0:  # no gradient steps (e.g. FeTrIL's incremental states): evaluate once, after
             self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
@@ -186,6 +191,19 @@ class Engine:
         self.position = Position(k + 1, 0, ctx.iteration)
         if cfg.checkpoint.enabled:
             self._save(self.position)
+
+    def _periodic_eval(self, k: int) -> None:
+        """The periodic evaluation after ``ctx.iteration`` (queued on a side stream with
+        ``eval.overlap``; its metrics are then logged when ready, at their own iteration)."""
+        if not self.evaluator.overlap:
+            self.logger.log_metrics(self.evaluator.periodic(self.ctx.iteration, k + 1), self.ctx.iteration, "eval")
+            return
+        for iteration, metrics in self.evaluator.submit(self.ctx.iteration, k + 1):
+            self.logger.log_metrics(metrics, iteration, "eval")
+
+    def _drain_evaluations(self) -> None:
+        for iteration, metrics in self.evaluator.drain():
+            self.logger.log_metrics(metrics, iteration, "eval")
 
     def _prepare_experience(self, exp, n_iter: int) -> None:
         """Before training ``exp`` for ``n_iter`` steps: strategy hook, optimiser, schedule and,
@@ -211,7 +229,7 @@ class Engine:
         allowed = stream.class_mask(k).to(self.device)  # what the protocol allows (task-IL: the task's classes)
         ctx.class_mask = allowed & self.exposed
         train_exps = self.strategy.training_experiences(exp, ctx)
-        sample_idx, sample_exp = training_samples(train_exps)
+        sample_idx, sample_exp, task_ids = training_samples(train_exps, stream.train.x.device)
         bs, reps, period = cfg.train.batch_size, cfg.train.online_iter, cfg.eval.every_samples
         n_batches = math.ceil(sample_idx.numel() / bs)
         n_iter = n_batches * reps
@@ -226,7 +244,7 @@ class Engine:
         self.model.train()
         for b in range(start, n_batches):
             rows = slice(b * bs, (b + 1) * bs)
-            batch = self._fetch(sample_idx[rows], sample_exp[rows], train_exps)
+            batch = self._fetch(sample_idx[rows], sample_exp[rows], train_exps, task_ids)
             self.exposed[batch.y] = True  # exposed on arrival, before training on the batch
             ctx.class_mask = allowed & self.exposed
             for r in range(reps):
@@ -302,24 +320,31 @@ class Engine:
         if cfg.checkpoint.enabled:
             self._save(self.position)
 
-    def _fetch(self, idx: torch.Tensor, which: torch.Tensor, exps: list) -> Batch:
+    def _fetch(self, idx: torch.Tensor, which: torch.Tensor, exps: list, task_ids: torch.Tensor) -> Batch:
+        """The batch of training-set rows ``idx`` (``which``: each row's position in ``exps``,
+        whose task ids are ``task_ids``, on the same device).
+        With the data on the device every step here is a device op: no host sync."""
         data = self.stream.train
-        sel = idx.to(data.x.device)
-        x = data.x[sel]
-        if any(e.transform is not None for e in exps):
+        x = data.x[idx]
+        if len(exps) == 1 and exps[0].transform is not None:
+            x = exps[0].transform(x)
+        elif any(e.transform is not None for e in exps):  # several domains in one batch (e.g. joint)
             x = x.clone()
             for j, e in enumerate(exps):
                 if e.transform is not None:
-                    rows = (which == j).nonzero().flatten().to(x.device)
+                    rows = (which == j).nonzero().flatten()
                     if rows.numel():
                         x[rows] = e.transform(x[rows])
-        task = torch.tensor([e.task_id for e in exps])[which]
-        return Batch(x.to(self.device, non_blocking=True), data.y[sel].to(self.device), task.to(self.device))
+        task = task_ids[which]
+        return Batch(x.to(self.device, non_blocking=True), data.y[idx].to(self.device, non_blocking=True),
+                     task.to(self.device, non_blocking=True))
 
     def _step(self, batch: Batch, after_step: bool = True) -> torch.Tensor:
         cfg, ctx = self.cfg.train, self.ctx
         full = self.strategy.prepare_batch(batch, ctx)
         x = ctx.inputs(full.x, train=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(cfg.amp, self.device):
             output = self.strategy.forward(x, full, ctx)
             loss = self.strategy.loss(output, full, ctx)
@@ -348,6 +373,7 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, position: Position) -> None:
+        self._drain_evaluations()  # the trackers' state must include every evaluation so far
         state = {
             "position": vars(position),
             "model": self.model.state_dict(),
@@ -436,13 +462,16 @@ class LossLog:
 
 
 # ---------------------------------------------------------------------- helpers
-def training_samples(train_exps: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training-set indices of ``train_exps`` concatenated, and for each the position of its
-    experience in ``train_exps`` (both empty when no experience has samples)."""
+def training_samples(train_exps: list, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The training-set indices of ``train_exps`` concatenated, for each the position of its
+    experience in ``train_exps`` (both empty when no experience has samples), and the task id
+    of each experience; on ``device`` (the training data's: batches are then gathered without
+    a host round trip)."""
     empty = torch.zeros(0, dtype=torch.long)
-    sample_idx = torch.cat([e.train_idx for e in train_exps] + [empty])
+    sample_idx = torch.cat([e.train_idx.cpu() for e in train_exps] + [empty])
     sample_exp = torch.cat([torch.full((e.train_idx.numel(),), j) for j, e in enumerate(train_exps)] + [empty])
-    return sample_idx, sample_exp
+    task_ids = torch.tensor([e.task_id for e in train_exps], dtype=torch.long)
+    return sample_idx.to(device), sample_exp.to(device), task_ids.to(device)
 
 
 def iterations_per_experience(n_samples: int, cfg) -> int:
@@ -461,8 +490,8 @@ def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: RunC
     total = iterations_per_experience(n, cfg.train)
     per_epoch = math.ceil(n / bs)
     done, epoch = 0, 0
-    while done < total:
-        perm = torch.randperm(n, generator=seeded_generator(cfg.seed, 3, k, epoch))
+    while done < total:  # the permutation is drawn on the CPU (seeded) and moved once per epoch
+        perm = torch.randperm(n, generator=seeded_generator(cfg.seed, 3, k, epoch)).to(sample_idx.device)
         for b in range(per_epoch):
             if done == total:
                 return
@@ -479,8 +508,27 @@ def check_online(cfg: RunConfig, stream) -> None:
                            "(it is already a single online pass); set train.online=false")
     if cfg.train.online_iter < 1:
         raise ClbenchError(f"train.online_iter must be >= 1 (gradient steps per incoming batch), got {cfg.train.online_iter}")
+    if cfg.eval.overlap:
+        raise ClbenchError("eval.overlap applies to the offline loop's periodic evaluation; "
+                           "set eval.overlap=false with train.online=true")
     if cfg.eval.every_samples < 0:
         raise ClbenchError(f"eval.every_samples must be >= 0 (0: evaluate at task ends only), got {cfg.eval.every_samples}")
+
+
+def compile_model(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """``train.compile``: ``torch.compile`` the model's forward in place (its state dict keeps its
+    keys).  Modes that use CUDA graphs assume fixed weight addresses, which the overlapped
+    evaluator's snapshot swap breaks, so they cannot be combined with ``eval.overlap``."""
+    from clbench.evaluation import COMPILE_MODES
+
+    mode = cfg.train.compile
+    if mode not in COMPILE_MODES:
+        raise ClbenchError(f"train.compile '{mode}' is not one of {', '.join(COMPILE_MODES)}")
+    if mode in ("reduce-overhead", "max-autotune") and cfg.eval.overlap:
+        raise ClbenchError(f"train.compile={mode} (CUDA graphs) cannot be combined with eval.overlap=true; "
+                           "use train.compile=default with the overlap, or eval.overlap=false")
+    if mode != "none":
+        model.compile(mode=mode, dynamic=False)
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:

@@ -16,16 +16,27 @@ images (a Si-Blurry task that brings no new class) are left out of the trackers,
 records are mapped back to experience indices.  At task ends one pass over the full test
 sets gives the accuracy-matrix row, the exposed-class accuracy (A_last, A_avg) and per-class
 accuracies (F_last).  Logits of unexposed classes are masked through ``ctx.class_mask``.
+
+Overlapped evaluation (``eval.overlap``, offline loop): :meth:`Evaluator.submit` snapshots the
+weights (:mod:`clbench.snapshot`) and queues the periodic pass of iteration t on a side CUDA
+stream, so it runs while iterations t+1, t+2, ... train; :meth:`Evaluator.collect` hands back
+finished results, in submission order, tagged with their own iteration, and feeds the trackers
+in that order; :meth:`Evaluator.drain` waits for all of them (the engine drains before
+experience ends and checkpoints).  At most ``OVERLAP_DEPTH`` snapshots are in flight.  The
+numbers are those of the synchronous evaluator (tests/test_evaluation_overlap.py); on a CPU
+the pass runs at submission and only its bookkeeping is deferred.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from clbench.metrics import AccuracyMatrix, ContinualTracker, OnlineTracker
+from clbench.snapshot import WeightSnapshot, live_tensors
 
 if TYPE_CHECKING:
     from clbench.config import EvalConfig
@@ -51,6 +62,15 @@ class Evaluator:
 
             raise ClbenchError(f"eval.compile '{cfg.compile}' is not one of {', '.join(COMPILE_MODES)}")
         self._predict = None  # strategy.predict, compiled on first use when eval.compile is set
+        self.overlap = cfg.overlap
+        if self.overlap and cfg.compile != "none":
+            from clbench.registry import ClbenchError
+
+            raise ClbenchError("eval.overlap=true needs eval.compile=none (a compiled predict, CUDA graphs above all, "
+                               "assumes the weights never move; the overlapped evaluator reads them from a snapshot)")
+        self._side = torch.cuda.Stream(ctx.device) if self.overlap and ctx.device.type == "cuda" else None
+        self._free: list[WeightSnapshot] = [WeightSnapshot() for _ in range(OVERLAP_DEPTH)] if self.overlap else []
+        self._pending: list[_Pending] = []
         self.online: dict[int, float] = {}
         xs, ys, exps = [], [], []
         for exp in stream:
@@ -76,12 +96,15 @@ class Evaluator:
     # ---------------------------------------------------------------- accuracies
     def subset_accuracies(self, n_seen: int) -> dict[int, float]:
         """Accuracy on the eval subsets of experiences ``0..n_seen-1`` (one host transfer)."""
+        return dict(enumerate(self._subset_accuracies(n_seen).tolist()))
+
+    def _subset_accuracies(self, n_seen: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-experience accuracies on the first ``n_seen`` subsets, on the device."""
         end = self.ends[n_seen]
-        correct = self._correct(self.x[:end], self.y[:end], self.task[:end])
+        correct = self._correct(self.x[:end], self.y[:end], self.task[:end], mask=mask)
         counts = torch.bincount(self.exp[:end], minlength=n_seen)[:n_seen]
         hits = torch.bincount(self.exp[:end], weights=correct.float(), minlength=n_seen)[:n_seen]
-        accs = (hits / counts.clamp_min(1)).tolist()
-        return dict(enumerate(accs))
+        return hits / counts.clamp_min(1)
 
     def full_accuracies(self) -> list[float]:
         """Accuracy on the full test set of every experience (seen or not)."""
@@ -117,8 +140,9 @@ class Evaluator:
             self._predict = torch.compile(self.strategy.predict, mode=self.cfg.compile, dynamic=False)
         return self._predict
 
-    def _correct(self, x_uint8: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        mask = self.ctx.class_mask
+    def _correct(self, x_uint8: torch.Tensor, y: torch.Tensor, task: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.ctx.class_mask if mask is None else mask
         model: nn.Module = self.strategy.model
         was_training = model.training
         model.eval()
@@ -142,12 +166,52 @@ class Evaluator:
     # ---------------------------------------------------------------- metrics
     def periodic(self, iteration: int, n_seen: int) -> dict[str, float]:
         """Evaluate the seen tasks' subsets after ``iteration`` and update the trackers."""
-        accs = self.subset_accuracies(n_seen)
+        return self._periodic_metrics(iteration, self.subset_accuracies(n_seen))
+
+    def _periodic_metrics(self, iteration: int, accs: dict[int, float]) -> dict[str, float]:
         metrics = {f"eval/acc/task_{k}": a for k, a in accs.items()}
         metrics["eval/acc/avg"] = sum(accs.values()) / len(accs)
         metrics.update({f"eval/{k}": v for k, v in self.tracker.update(iteration, accs).items()})
         metrics["eval/period"] = self.cfg.every
         return metrics
+
+    # ---------------------------------------------------------------- overlapped evaluation
+    def submit(self, iteration: int, n_seen: int) -> list[tuple[int, dict[str, float]]]:
+        """Queue the periodic evaluation of ``iteration`` (``eval.overlap``) on a snapshot of
+        the current weights; returns the results that are ready, as ``(iteration, metrics)``."""
+        ready = [] if self._free else self.collect(wait_for=1)
+        snapshot = self._free.pop()
+        live = live_tensors(self.strategy)
+        snapshot.capture(live)  # on the training stream, after the step that produced the weights
+        mask = self.ctx.class_mask.clone()  # the engine replaces ctx.class_mask between experiences
+        side = self._side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.ctx.device))
+        with torch.cuda.stream(side) if side is not None else nullcontext(), snapshot.swapped_in(live):
+            accs = self._subset_accuracies(n_seen, mask)
+            done = None
+            if side is not None:
+                done = torch.cuda.Event()
+                done.record(side)
+        self._pending.append(_Pending(iteration, accs, done, snapshot, mask))
+        return ready + self.collect()
+
+    def collect(self, wait_for: int = 0) -> list[tuple[int, dict[str, float]]]:
+        """Finished overlapped evaluations in submission order (waiting for the first
+        ``wait_for`` of them), fed to the trackers and returned as ``(iteration, metrics)``."""
+        out = []
+        while self._pending and (len(out) < wait_for or self._pending[0].ready()):
+            job = self._pending.pop(0)
+            if job.done is not None:
+                job.done.synchronize()
+            accs = dict(enumerate(job.accs.tolist()))
+            out.append((job.iteration, self._periodic_metrics(job.iteration, accs)))
+            self._free.append(job.snapshot)
+        return out
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        """Wait for every overlapped evaluation; their results, as :meth:`collect`."""
+        return self.collect(wait_for=len(self._pending))
 
     def baseline(self) -> list[float]:
         """Accuracies of the untrained model (FWT's baseline b_i)."""
@@ -281,6 +345,19 @@ class Evaluator:
             self.online_metrics.load_state_dict(state["online_metrics"])
 
 
+class _Pending:
+    """An overlapped evaluation in flight: its per-experience accuracies on the device, the
+    event recorded after them on the side stream, and the snapshot and mask it reads."""
+
+    def __init__(self, iteration: int, accs: torch.Tensor, done, snapshot: WeightSnapshot, mask: torch.Tensor):
+        self.iteration, self.accs, self.done = iteration, accs, done
+        self.snapshot, self.mask = snapshot, mask
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+
+OVERLAP_DEPTH = 2  # snapshots in flight with eval.overlap (evaluation t runs while t+1 trains)
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 

@@ -33,7 +33,7 @@ def outputs(tmp_path_factory):
     commands = {"eval_overhead": [sys.executable, str(REPO / "benchmarks" / "eval_overhead.py"), "--quick"]}
     if HAS_AVALANCHE:
         commands["vs_avalanche"] = [sys.executable, str(REPO / "benchmarks" / "vs_avalanche.py"), "--quick",
-                                    "--check-order"]
+                                    "--check-order", "--eval-overlap"]  # the overlapped evaluator vs Avalanche's
     commands["si_blurry_mvp"] = [sys.executable, str(REPO / "benchmarks" / "si_blurry_mvp.py"), "--quick",
                                 "--datasets", "cifar10"]  # the upsampled-input row; one dataset keeps this file fast
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,6 +87,7 @@ def test_vs_avalanche_quick(outputs):
     assert w["quick"] is True and w["same_sample_order"] and w["same_initial_weights"]
     assert sorted(w["class_order"]) == list(range(10))
     assert r["order_check"] == "passed"
+    assert w["clbench_settings"]["eval_overlap"] is True
     cl, av = r["clbench_matrix"], r["avalanche_matrix"]
     assert [len(row) for row in cl] == [len(row) for row in av] == [1, 2, 3, 4, 5]
     for row in cl + av:
