@@ -26,6 +26,11 @@ once per incoming batch, after its last step (so a buffer stores each sample onc
 ``ctx.class_mask`` then allows only the classes *exposed* so far (seen in an incoming batch,
 the current one included) and changes from batch to batch; ``ctx.samples_seen`` counts the
 training samples received so far.  No new hook.
+
+Overlapped evaluation (``eval.overlap``, :mod:`clbench.snapshot`): ``predict`` then runs on a
+snapshot of the parameters and buffers of every ``nn.Module`` the strategy holds as an
+attribute.  A tensor that ``predict`` reads and ``after_step`` changes in place must live in
+such a module (a buffer), not in a plain tensor attribute.
 """
 
 from __future__ import annotations
