@@ -156,7 +156,7 @@ def run_one(args, label: str, strategy: str, extra: list[str], backbone: str, se
     t0 = time.perf_counter()
     summary = Engine(load_config(config, overrides)).run()
     return {"acc": summary.get("acc"), "forgetting": summary.get("forgetting"), "min_acc": summary.get("min_acc"),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "trainable_params": summary.get("trainable_params"), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if failure:
                     skipped[key] = failure
                 else:
+                    row["trainable_params"] = row["per_seed"][0]["trainable_params"]  # the same for every seed
                     table[key] = row
     result = {"benchmark": "pretrained_tiny_imagenet100", "quick": args.quick, "seeds": args.seeds,
               "device": args.device, "config": None if args.quick else (str(CONFIG.relative_to(REPO)) if CONFIG.is_file() else "built-in overrides"),

@@ -108,6 +108,7 @@ class Engine:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         compile_model(self.model, cfg)
+        self.trainable_params = count_parameters(self.strategy.param_groups())
         self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval, online=self.online)
         self.resume_dir = resume_dir
         self.run_dir = resume_dir or make_run_dir(cfg, stream)
@@ -415,12 +416,13 @@ class Engine:
                              "transform": repr(e.transform) if e.transform is not None else None}
                             for e in self.stream],
             "protocol": self.stream.protocol, "n_experiences": len(self.stream), "device": str(self.device),
-            "scenario_info": self.stream.info, "online": self.online,
+            "scenario_info": self.stream.info, "online": self.online, "trainable_params": self.trainable_params,
             "versions": versions(), "resumed": resumed, "started": datetime.now().isoformat(timespec="seconds"),
         }
 
     def _summary(self, error: BaseException | None) -> dict[str, Any]:
         summary = {"status": self.status, "run_dir": str(self.run_dir), "iterations": self.ctx.iteration,
+                   "trainable_params": self.trainable_params,
                    "experiences_done": self.position.experience, **self.evaluator.summary()}
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
@@ -529,6 +531,13 @@ def compile_model(model: torch.nn.Module, cfg: RunConfig) -> None:
                            "use train.compile=default with the overlap, or eval.overlap=false")
     if mode != "none":
         model.compile(mode=mode, dynamic=False)
+
+
+def count_parameters(groups: list[dict[str, Any]]) -> int:
+    """Elements of the distinct parameters that require a gradient in ``groups`` (the strategy's
+    trainable parameters at the start of the run, e.g. prompts + head for a prompt method)."""
+    seen = {id(p): p for g in groups for p in g["params"] if p.requires_grad}
+    return sum(p.numel() for p in seen.values())
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:

@@ -254,3 +254,18 @@ def test_kv_selection_in_chunks_equals_one_block_and_brute_force():
     mask = torch.rand(5, 16, generator=gen) > 0.5
     mask[:, 0] = True
     torch.testing.assert_close(kv.select(h, mask, max_elements=1), kv.select(h, mask))  # one sample per block
+
+
+def test_trainable_parameter_counts(tmp_path):
+    """run_info/summary report the strategy's trainable parameters: the whole model for
+    finetune, the head for a linear probe, prompts + head for prompt methods (OnePrompt's one
+    shared prompt is far smaller than CODA-P's component pool)."""
+    sizes = {"coda_prompt": ["strategy.pool_size=99"]}  # a multiple of the 3 tasks
+    eng = {s: engine(tmp_path / s, f"strategy={s}", *sizes.get(s, []))
+           for s in ("finetune", "linear_probe", "oneprompt", "coda_prompt")}
+    count = {s: e.trainable_params for s, e in eng.items()}
+    assert count["finetune"] == sum(p.numel() for p in eng["finetune"].model.parameters())
+    assert count["linear_probe"] == sum(p.numel() for p in eng["linear_probe"].model.head.parameters())
+    prompts = sum(p.numel() for p in eng["oneprompt"].strategy.trainable_prompt_parameters())
+    assert count["oneprompt"] == count["linear_probe"] + prompts
+    assert count["linear_probe"] < count["oneprompt"] < count["coda_prompt"] / 5
