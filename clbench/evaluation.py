@@ -190,7 +190,8 @@ class Evaluator:
         with torch.cuda.stream(side) if side is not None else nullcontext(), snapshot.swapped_in(live):
             accs = self._subset_accuracies(n_seen, mask)
             done = None
-            if side is not None:
+            if side is not None:  # read back on the side stream too: a copy on the training
+                accs = accs.to("cpu", non_blocking=True)  # stream would wait for its queue (pinned)
                 done = torch.cuda.Event()
                 done.record(side)
         self._pending.append(_Pending(iteration, accs, done, snapshot, mask))
@@ -346,8 +347,9 @@ class Evaluator:
 
 
 class _Pending:
-    """An overlapped evaluation in flight: its per-experience accuracies on the device, the
-    event recorded after them on the side stream, and the snapshot and mask it reads."""
+    """An overlapped evaluation in flight: its per-experience accuracies (on a GPU: a pinned host
+    tensor filled by the side stream), the event recorded after them on the side stream, and the
+    snapshot and mask it reads."""
 
     def __init__(self, iteration: int, accs: torch.Tensor, done, snapshot: WeightSnapshot, mask: torch.Tensor):
         self.iteration, self.accs, self.done = iteration, accs, done

@@ -129,12 +129,29 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side stream)")
-def test_overlapped_evaluation_on_a_side_stream_equals_synchronous(tmp_path):
-    """On a GPU the evaluation really runs on a side stream while training moves the weights
-    (high learning rate, so every step changes predictions)."""
-    extra = ["train.iterations=30", "scenario.n_tasks=2", "model=resnet18", "model.nf=8", "train.lr=0.2",
-             "deterministic=true"]
-    assert_same_run(*run_pair(tmp_path, extra, device="cuda"))
+def test_overlapped_evaluation_on_a_side_stream_equals_synchronous(tmp_path, monkeypatch):
+    """On a GPU the evaluation runs on a side stream while training moves the weights (high
+    learning rate, so every step changes predictions); each result must equal the synchronous
+    evaluator's on the weights of its own iteration, computed just before submission."""
+    from clbench.evaluation import Evaluator
+
+    expected: dict[int, list[float]] = {}
+    submit = Evaluator.submit
+
+    def checked_submit(self, iteration, n_seen):
+        expected[iteration] = [self.subset_accuracies(n_seen)[k] for k in range(n_seen)]
+        return submit(self, iteration, n_seen)
+
+    monkeypatch.setattr(Evaluator, "submit", checked_submit)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=gpu", "device=cuda", *QUIET, "eval.every=1",
+                             "eval.precision=fp32", "eval.overlap=true", "train.iterations=30", "scenario.n_tasks=2",
+                             "model=resnet18", "model.nf=8", "train.lr=0.2"])
+    assert run(cfg)["status"] == "finished"
+    logged = {r["step"]: [v for k, v in sorted(r.items()) if k.startswith("eval/acc/task_")]
+              for r in eval_records(tmp_path / "gpu")}
+    assert len(expected) == 60 and logged.keys() == expected.keys()
+    for iteration, accs in expected.items():
+        assert logged[iteration] == pytest.approx(accs, abs=1e-6), iteration
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
