@@ -4,6 +4,10 @@ It owns the optimiser, the learning-rate schedule, AMP, gradient clipping, the d
 seeding and checkpoints; strategies only supply hooks (:mod:`clbench.strategy`).  Every
 ``eval.every`` iterations, and at the last iteration of every experience, the evaluator runs
 on fixed subsets of the seen tasks; at each experience end it runs on the full test sets.
+With ``eval.overlap`` the periodic evaluation is queued on a weight snapshot and its metrics
+are logged when ready (:mod:`clbench.evaluation`); pending evaluations are drained before
+``after_experience`` and before every checkpoint.  A training step makes no host sync when the
+data is on the device (batch indices live there too); the loss is read every ``logging.log_every``.
 
 Online protocol (``train.online=true``; Moon et al., ICCV 2023, Si-Blurry,
 ``methods/_trainer.py``): each experience's samples arrive once, in the stream's order (no
