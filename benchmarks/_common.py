@@ -111,13 +111,19 @@ def resolve(args, default_subset: int = 1000) -> None:
         args.batch_size = wl["batch_size"]
     if args.subset_size is None:
         args.subset_size = default_subset
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_device_and_threads(args)
     if args.eval_batch_size is None:  # what clbench's eval.batch_size=0 (auto) picks, passed explicitly to both
         args.eval_batch_size = 256 if torch.device(args.device).type == "cpu" else 2048
     if args.fast:
         args.eval_precision, args.train_amp, args.channels_last = "bf16", "bf16", True
         args.eval_overlap, args.train_compile = True, args.train_compile if args.train_compile != "none" else "default"
+
+
+def resolve_device_and_threads(args) -> None:
+    """``--device auto``: CUDA when available, else the CPU; ``--threads`` (default 1 on a CPU:
+    on a shared CPU two OpenMP threads can be far slower than one) goes to ``torch.set_num_threads``."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads is None and torch.device(args.device).type == "cpu":
         args.threads = 1
     if args.threads:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, data_root, emit, seed_row  # noqa: E402
+from _common import REPO, data_root, emit, resolve_device_and_threads, seed_row  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seeds = min(args.seeds, 1) if "--seeds" not in (argv or sys.argv) else args.seeds
         args.device = "cpu" if args.device == "auto" else args.device
         args.eval_every = 0
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    resolve_device_and_threads(args)
 
     from clbench.registry import STRATEGIES
 

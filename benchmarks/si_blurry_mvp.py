@@ -65,8 +65,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch
-from _common import REPO, emit, seed_row
+from _common import REPO, emit, resolve_device_and_threads, seed_row
 from pretrained_tiny_imagenet100 import QUICK_DATASET, register_quick_dataset
 
 CONFIGS = {"cifar10": REPO / "configs" / "si_blurry_cifar10_vit.yaml",
@@ -171,10 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.seeds = [1] if args.quick else [1, 2, 3]
     if args.quick:
         args.device = "cpu" if args.device == "auto" else args.device
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    resolve_device_and_threads(args)
 
     from clbench.registry import STRATEGIES
 

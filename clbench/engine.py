@@ -47,7 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clbench.config import RunConfig, config_to_yaml, load_config, to_dict
-from clbench.evaluation import Evaluator
+from clbench.evaluation import Evaluator, check_compile_mode
 from clbench.logging import build_logger
 from clbench.models import build_model
 from clbench.registry import STRATEGIES, ClbenchError
@@ -525,11 +525,8 @@ def compile_model(model: torch.nn.Module, cfg: RunConfig) -> None:
     """``train.compile``: ``torch.compile`` the model's forward in place (its state dict keeps its
     keys).  Modes that use CUDA graphs assume fixed weight addresses, which the overlapped
     evaluator's snapshot swap breaks, so they cannot be combined with ``eval.overlap``."""
-    from clbench.evaluation import COMPILE_MODES
-
     mode = cfg.train.compile
-    if mode not in COMPILE_MODES:
-        raise ClbenchError(f"train.compile '{mode}' is not one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode("train.compile", mode)
     if mode in ("reduce-overhead", "max-autotune") and cfg.eval.overlap:
         raise ClbenchError(f"train.compile={mode} (CUDA graphs) cannot be combined with eval.overlap=true; "
                            "use train.compile=default with the overlap, or eval.overlap=false")

@@ -57,10 +57,7 @@ class Evaluator:
         self.batch_size = cfg.batch_size or (256 if ctx.device.type == "cpu" else 2048)
         self.precision = resolve_precision(cfg.precision, ctx.device)
         self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
-        if cfg.compile not in COMPILE_MODES:
-            from clbench.registry import ClbenchError
-
-            raise ClbenchError(f"eval.compile '{cfg.compile}' is not one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode("eval.compile", cfg.compile)
         self._predict = None  # strategy.predict, compiled on first use when eval.compile is set
         self.overlap = cfg.overlap
         if self.overlap and cfg.compile != "none":
@@ -362,6 +359,14 @@ class _Pending:
 OVERLAP_DEPTH = 2  # snapshots in flight with eval.overlap (evaluation t runs while t+1 trains)
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(key: str, mode: str) -> None:
+    """An error naming the valid ``torch.compile`` modes for config key ``key``."""
+    if mode not in COMPILE_MODES:
+        from clbench.registry import ClbenchError
+
+        raise ClbenchError(f"{key} '{mode}' is not one of {', '.join(COMPILE_MODES)}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -151,6 +151,24 @@ class Strategy:
         pass
 
 
+@torch.no_grad()
+def experience_features(model: nn.Module, exp: "Experience", ctx: Context, batch_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.features`` (float32, ``[N, D]``) of the experience's training images without
+    augmentation, in eval mode (the model's mode is restored after), and their labels ``[N]``;
+    both on the device (FeTrIL's class means, SLCA's class Gaussians)."""
+    was_training = model.training
+    model.eval()
+    try:
+        feats, labels = [], []
+        for batch in ctx.batches([exp], batch_size):
+            feats.append(model.features(ctx.inputs(batch.x)).float())
+            labels.append(batch.y)
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
 def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the allowed logits only (``allowed``: bool ``[B, C]``); others get -inf."""
     return F.cross_entropy(logits.float().masked_fill(~allowed, float("-inf")), y)

@@ -76,7 +76,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.strategy import Context, Strategy, StrategyConfig
+from clbench.strategy import Context, Strategy, StrategyConfig, experience_features
 from scenarios.base import Experience, seeded_generator
 
 CLASSIFIERS = ("svm", "fc")
@@ -156,7 +156,7 @@ class FeTrIL(Strategy):
     def after_experience(self, exp: Experience, ctx: Context) -> None:
         self._freeze()
         start = time.perf_counter()
-        feats, labels = self._extract(exp, ctx)
+        feats, labels = experience_features(self.model, exp, ctx, self.cfg.feature_batch_size)
         new = exp.classes.to(ctx.device).sort().values
         new_means = class_means(feats, labels, new)
         past = (self.seen & ~torch.isin(torch.arange(self.seen.numel(), device=ctx.device), new)).nonzero().flatten()
@@ -209,20 +209,6 @@ class FeTrIL(Strategy):
         self.model.eval()
         self.model.requires_grad_(False)
         self.frozen = True
-
-    @torch.no_grad()
-    def _extract(self, exp: Experience, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``[N, D]`` (float32) and labels of the experience's training images, no augmentation."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            feats, labels = [], []
-            for batch in ctx.batches([exp], self.cfg.feature_batch_size):
-                feats.append(self.model.features(ctx.inputs(batch.x)).float())
-                labels.append(batch.y)
-        finally:
-            self.model.train(was_training)
-        return torch.cat(feats), torch.cat(labels)
 
     def _fit_svms(self, x: torch.Tensor, y: torch.Tensor, classes: torch.Tensor) -> None:
         cfg = self.cfg

@@ -42,7 +42,7 @@ from torch import nn
 
 from clbench.alignment import AlignmentConfig, align_classifier, class_gaussians, mean_shrink
 from clbench.registry import ClbenchError, register_strategy
-from clbench.strategy import Batch, Context, Strategy, StrategyConfig, masked_cross_entropy
+from clbench.strategy import Batch, Context, Strategy, StrategyConfig, experience_features, masked_cross_entropy
 from scenarios.base import seeded_generator
 
 
@@ -125,7 +125,8 @@ class SLCA(Strategy):
         return masked_cross_entropy(output, batch.y, allowed.expand_as(output))
 
     def after_experience(self, exp, ctx: Context) -> None:
-        feats, labels = self._extract(exp, ctx)
+        feats, labels = experience_features(self.model, exp, ctx, self.cfg.feature_batch_size)
+        labels = labels.cpu()
         new = exp.classes.cpu()
         means, covs = class_gaussians(feats, labels, new.tolist(), self.cfg.cov_eps)
         self.means[new.to(self.means.device)] = means.to(self.means)
@@ -157,19 +158,6 @@ class SLCA(Strategy):
     def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
         head = self.aligned if self.aligned is not None else self.model.head
         return head(self.model.features(x))
-
-    @torch.no_grad()
-    def _extract(self, exp, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            feats, labels = [], []
-            for b in ctx.batches([exp], self.cfg.feature_batch_size):
-                feats.append(self.model.features(ctx.inputs(b.x)).float())
-                labels.append(b.y)
-        finally:
-            self.model.train(was)
-        return torch.cat(feats), torch.cat(labels).cpu()
 
     def state_dict(self) -> dict[str, Any]:
         return {"means": self.means, "covs": self.covs, "has_stats": self.has_stats,
