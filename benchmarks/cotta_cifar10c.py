@@ -41,7 +41,7 @@ import torch
 
 from clbench.config import load_config
 from clbench.engine import run
-from scenarios.corruptions import CORRUPTIONS
+from clbench.scenarios.corruptions import CORRUPTIONS
 
 CONFIG = REPO / "configs" / "cotta_cifar10c.yaml"
 STRATEGIES = ("source", "bn_adapt", "tent", "cotta")

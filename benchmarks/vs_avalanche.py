@@ -178,7 +178,7 @@ def main(argv=None) -> None:
 
     from clbench.config import component_config
     from clbench.engine import Engine
-    from scenarios import build_stream
+    from clbench.scenarios import build_stream
 
     data = register_bench_dataset(args)
     log(f"vs_avalanche: {data} on {device_info(args.device)}; avalanche {avalanche.__version__}")

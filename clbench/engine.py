@@ -53,8 +53,8 @@ from clbench.models import build_model
 from clbench.registry import STRATEGIES, ClbenchError
 from clbench.strategy import Batch, Context, Strategy
 from clbench.transforms import Preprocess
-from scenarios import build_stream
-from scenarios.base import seeded_generator
+from clbench.scenarios import build_stream
+from clbench.scenarios.base import seeded_generator
 
 CHECKPOINT = "checkpoint.pt"
 

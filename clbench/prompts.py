@@ -375,7 +375,7 @@ class PromptStrategy(Strategy):
         """VOR phase (OVOR Sec. 3; ``ovor/learners/default.py``): prompts frozen, the head
         trains on the batch's prompted features plus as many virtual outliers."""
         from clbench.vor import synthesize_outliers
-        from scenarios.base import seeded_generator
+        from clbench.scenarios.base import seeded_generator
 
         start = self._vor_start(ctx)
         per_round = max(1, math.ceil((ctx.n_iterations - start) / max(1, self.cfg.vor_epochs)))

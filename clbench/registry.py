@@ -125,8 +125,8 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-STRATEGIES: Registry[Any] = Registry("strategy", ("strategies",), "clbench.strategies")
-SCENARIOS: Registry[Any] = Registry("scenario", ("scenarios",), "clbench.scenarios")
+STRATEGIES: Registry[Any] = Registry("strategy", ("clbench.strategies",), "clbench.strategies")
+SCENARIOS: Registry[Any] = Registry("scenario", ("clbench.scenarios",), "clbench.scenarios")
 DATASETS: Registry[Any] = Registry("dataset", ("clbench.data.datasets",))
 MODELS: Registry[Any] = Registry("model", ("clbench.models",))
 

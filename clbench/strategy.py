@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from clbench.transforms import Preprocess
-    from scenarios.base import Experience, Stream
+    from clbench.scenarios.base import Experience, Stream
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Scenario generators: dataset + seed -> :class:`scenarios.base.Stream`.
+"""Scenario generators: dataset + seed -> :class:`clbench.scenarios.base.Stream`.
 
 Each module registers its builder with ``@register_scenario``; build one from a config with
 :func:`build_stream`.
 """
 
-from scenarios.base import Experience, PixelPermutation, Rotation, Stream
+from clbench.scenarios.base import Experience, PixelPermutation, Rotation, Stream
 
 __all__ = ["Experience", "PixelPermutation", "Rotation", "Stream", "build_stream"]
 

@@ -15,7 +15,7 @@ import torch
 
 from clbench.data import load_dataset
 from clbench.registry import ClbenchError, register_scenario
-from scenarios.base import Experience, Stream, indices_by_class, remap_labels, seeded_generator, split_sizes
+from clbench.scenarios.base import Experience, Stream, indices_by_class, remap_labels, seeded_generator, split_sizes
 
 
 @dataclass

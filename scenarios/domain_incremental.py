@@ -21,8 +21,8 @@ import torch
 from clbench.data import load_dataset
 from clbench.data.types import ImageSplit
 from clbench.registry import ClbenchError, register_scenario
-from scenarios.base import Experience, PixelPermutation, Rotation, Stream, seeded_generator, split_sizes
-from scenarios.class_incremental import ClassSplitConfig, resolve_class_order
+from clbench.scenarios.base import Experience, PixelPermutation, Rotation, Stream, seeded_generator, split_sizes
+from clbench.scenarios.class_incremental import ClassSplitConfig, resolve_class_order
 
 DOMAINS = ("permuted", "rotated", "split", "datasets")
 

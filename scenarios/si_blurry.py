@@ -24,7 +24,7 @@ Given the classes, T tasks, N (% disjoint classes) and M (% blurry samples):
    protocol (``train.online``, :mod:`clbench.engine`).
 
 Everything is built with tensor ops from one seeded generator (plus the class order of
-:func:`scenarios.class_incremental.resolve_class_order`): same seed, same stream.
+:func:`clbench.scenarios.class_incremental.resolve_class_order`): same seed, same stream.
 
 Labels are remapped in order of *first appearance in the stream*, so the classes exposed at
 any point form a prefix ``0..n_exposed-1``.  Experience j's ``classes`` are all labels in its
@@ -61,14 +61,14 @@ import torch
 
 from clbench.data import load_dataset
 from clbench.registry import ClbenchError, register_scenario
-from scenarios.base import (
+from clbench.scenarios.base import (
     Experience,
     Stream,
     indices_by_class,
     remap_labels,
     seeded_generator,
 )
-from scenarios.class_incremental import resolve_class_order
+from clbench.scenarios.class_incremental import resolve_class_order
 
 VARIANTS = ("stochastic", "fixed")
 

@@ -6,7 +6,7 @@ of shifted domains, each domain's test set streamed once.
 under each corruption of ``corruptions`` (default: the 15 standard ones, in the standard order
 gaussian_noise ... jpeg_compression) at one ``severity`` (default 5), ``n_examples`` images per
 domain (default all 10,000), one experience per corruption.  CIFAR-10-C itself is not here, so
-the corrupted images are generated from the clean test set with :mod:`scenarios.corruptions`
+the corrupted images are generated from the clean test set with :mod:`clbench.scenarios.corruptions`
 (the 32x32 constants of the original ``make_cifar_c.py``; see that module for what is exact
 and what approximated) and cached as uint8 in the dataset cache (``cache_dir``), one file per
 corruption, so a rerun starts in seconds.
@@ -40,8 +40,8 @@ from clbench.data.cache import cached_dataset
 from clbench.data.types import ImageDataset, ImageSplit
 from clbench.models.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
 from clbench.registry import ClbenchError, register_scenario
-from scenarios.base import Experience, Stream, seeded_generator
-from scenarios.corruptions import CORRUPTIONS, IMAGE_SIZE, corrupt
+from clbench.scenarios.base import Experience, Stream, seeded_generator
+from clbench.scenarios.corruptions import CORRUPTIONS, IMAGE_SIZE, corrupt
 
 #: Bump when the corrupted images of any corruption change (invalidates cached streams).
 CORRUPTION_VERSION = 1

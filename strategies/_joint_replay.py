@@ -15,7 +15,7 @@ from clbench.strategy import Batch, Context, Strategy
 
 
 class JointReplayStrategy(Strategy):
-    """Base of :class:`strategies.er_ace.ERACE` and :class:`strategies.der.DERPP`; ``cfg`` is a
+    """Base of :class:`clbench.strategies.er_ace.ERACE` and :class:`clbench.strategies.der.DERPP`; ``cfg`` is a
     :class:`clbench.norms.NormOptions` with a ``buffer_size``."""
 
     def setup(self, model, ctx: Context) -> None:

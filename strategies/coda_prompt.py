@@ -35,7 +35,7 @@ from torch import nn
 
 from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy
 from clbench.registry import ClbenchError, register_strategy
-from scenarios.base import seeded_generator
+from clbench.scenarios.base import seeded_generator
 
 
 @dataclass

@@ -56,8 +56,8 @@ from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
-from scenarios.base import seeded_generator
-from strategies.bn_adapt import use_batch_statistics
+from clbench.scenarios.base import seeded_generator
+from clbench.strategies.bn_adapt import use_batch_statistics
 
 _CHOICES = {"gate": ("batch", "sample"), "anchor_bn": ("batch", "source"), "average": ("logits", "probs"),
             "augment_params": ("batch", "sample"), "predict": ("teacher", "student")}

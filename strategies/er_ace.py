@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from clbench.norms import NormOptions
 from clbench.registry import register_strategy
 from clbench.strategy import Batch, Context, StrategyConfig, masked_cross_entropy
-from strategies._joint_replay import JointReplayStrategy
+from clbench.strategies._joint_replay import JointReplayStrategy
 
 
 @dataclass

@@ -77,7 +77,7 @@ from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Context, Strategy, StrategyConfig, experience_features
-from scenarios.base import Experience, seeded_generator
+from clbench.scenarios.base import Experience, seeded_generator
 
 CLASSIFIERS = ("svm", "fc")
 SVM_SOLVERS = ("liblinear", "torch")

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
-from scenarios.base import seeded_generator
+from clbench.scenarios.base import seeded_generator
 
 
 @dataclass

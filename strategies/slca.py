@@ -43,7 +43,7 @@ from torch import nn
 from clbench.alignment import AlignmentConfig, align_classifier, class_gaussians, mean_shrink
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig, experience_features, masked_cross_entropy
-from scenarios.base import seeded_generator
+from clbench.scenarios.base import seeded_generator
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
-from strategies.bn_adapt import use_batch_statistics
+from clbench.strategies.bn_adapt import use_batch_statistics
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:

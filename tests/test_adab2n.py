@@ -17,7 +17,7 @@ from clbench.models import build_model
 from clbench.norms import AdaB2N, adab2n_layers, sample_tasks, statistics_loss, swap_batchnorm
 from clbench.strategy import Batch, Context
 from clbench.transforms import Preprocess
-from scenarios import build_stream
+from clbench.scenarios import build_stream
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)

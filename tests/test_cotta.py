@@ -21,10 +21,10 @@ from clbench.models.cifar_resnet import CifarResNetConfig, cifar_resnet
 from clbench.registry import ClbenchError
 from clbench.strategy import Batch, Context
 from clbench.transforms import Preprocess
-from scenarios import corruptions as C
-from strategies.bn_adapt import BNAdapt, BNAdaptConfig
-from strategies.cotta import CoTTA, CoTTAConfig, ema_update, stochastic_restore
-from strategies.tent import Tent, TentConfig
+from clbench.scenarios import corruptions as C
+from clbench.strategies.bn_adapt import BNAdapt, BNAdaptConfig
+from clbench.strategies.cotta import CoTTA, CoTTAConfig, ema_update, stochastic_restore
+from clbench.strategies.tent import Tent, TentConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = SHARED / "weights" / "cifar10-resnet"
@@ -175,7 +175,7 @@ def test_glass_blur_is_the_reference_loop():
 
 # --------------------------------------------------------------------------- the stream
 def _fake_cifar(monkeypatch, n_test: int = 40):
-    import scenarios.tta as tta
+    import clbench.scenarios.tta as tta
 
     x, y = _images(n_test, seed=11), torch.arange(10).repeat_interleave(n_test // 10)  # class-sorted, like the JPEG copy
     empty = ImageSplit(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
@@ -185,7 +185,7 @@ def _fake_cifar(monkeypatch, n_test: int = 40):
 
 
 def test_corruption_stream_layout_and_cache(monkeypatch, tmp_path):
-    from scenarios.tta import CorruptionStreamConfig, corruption_stream
+    from clbench.scenarios.tta import CorruptionStreamConfig, corruption_stream
 
     data = _fake_cifar(monkeypatch)
     cfg = CorruptionStreamConfig(corruptions=["contrast", "gaussian_noise"], severity=3, n_examples=20)
@@ -358,7 +358,7 @@ def test_augmentation_ops_match_torchvision():
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from strategies import cotta
+    from clbench.strategies import cotta
 
     torch.manual_seed(0)
     img = torch.rand(3, 3, 32, 32)

@@ -19,7 +19,7 @@ from clbench.config import load_config
 from clbench.engine import NonFiniteLossError, run
 from clbench.logging import read_metrics
 from clbench.registry import register_strategy
-from strategies.replay import Replay, ReplayConfig
+from clbench.strategies.replay import Replay, ReplayConfig
 
 FAST = ["logging.console=false", "logging.tensorboard=false", "train.epochs=2", "eval.every=3"]
 

@@ -16,8 +16,8 @@ from clbench.config import load_config
 from clbench.engine import Engine, run
 from clbench.logging import read_metrics
 from clbench.registry import ClbenchError, register_strategy
-from strategies import fetril as F
-from strategies.fetril import FeTrIL, FeTrILConfig
+from clbench.strategies import fetril as F
+from clbench.strategies.fetril import FeTrIL, FeTrILConfig
 
 FAST = ["strategy=fetril", "logging.console=false", "logging.tensorboard=false", "logging.progress=false", "eval.every=0",
         "scenario.initial_classes=4", "scenario.n_tasks=4", "train.epochs=3", "train.lr=0.1", "train.batch_size=32",

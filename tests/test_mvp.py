@@ -16,7 +16,7 @@ from clbench.config import load_config
 from clbench.engine import Engine
 from clbench.prompts import prompted_forward
 from clbench.strategy import Batch
-from strategies.mvp import (MVPOutput, afs_factor, contrastive_key_loss, focal_weights, gradient_similarity_ignore,
+from clbench.strategies.mvp import (MVPOutput, afs_factor, contrastive_key_loss, focal_weights, gradient_similarity_ignore,
                             usage_scaled_selection)
 
 REPO = Path(__file__).resolve().parents[1]

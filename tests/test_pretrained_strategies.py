@@ -13,8 +13,8 @@ from clbench.config import load_config
 from clbench.data import load_dataset
 from clbench.engine import Engine, make_optimizer
 from clbench.strategy import Batch
-from scenarios.base import seeded_generator
-from strategies.kv_bottleneck import KeyValueBottleneck
+from clbench.scenarios.base import seeded_generator
+from clbench.strategies.kv_bottleneck import KeyValueBottleneck
 
 VIT = ["model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=false", "model.normalize=dataset",
        "model.kwargs={img_size: 8, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, in_chans: 1}"]

@@ -15,8 +15,8 @@ from clbench.engine import Engine
 from clbench.prompts import PromptPool, attention, pool_features, prompted_forward
 from clbench.strategy import Batch
 from clbench.vor import energy, energy_regularizer, kth_neighbour_distance, synthesize_outliers
-from strategies.coda_prompt import CodaPromptConfig, gram_schmidt
-from strategies.l2p import key_loss
+from clbench.strategies.coda_prompt import CodaPromptConfig, gram_schmidt
+from clbench.strategies.l2p import key_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ("model={name: timm, arch: vit_tiny_patch16_224, pretrained: false, normalize: dataset, "

@@ -15,10 +15,10 @@ import torch
 from clbench.data import load_dataset
 from clbench.data.types import ImageDataset, ImageSplit
 from clbench.registry import ClbenchError, register_dataset
-from scenarios import build_stream
-from scenarios.base import PixelPermutation, Rotation
-from scenarios.class_incremental import ClassSplitConfig, TaskSplitConfig
-from scenarios.domain_incremental import DomainConfig
+from clbench.scenarios import build_stream
+from clbench.scenarios.base import PixelPermutation, Rotation
+from clbench.scenarios.class_incremental import ClassSplitConfig, TaskSplitConfig
+from clbench.scenarios.domain_incremental import DomainConfig
 
 SYN = "synthetic_test"
 N_CLASSES = 10

@@ -18,8 +18,8 @@ from clbench.logging import read_metrics
 from clbench.metrics import OnlineTracker, last_forgetting
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Strategy, StrategyConfig
-from scenarios import build_stream
-from scenarios.si_blurry import SiBlurryConfig, assign_blurry, class_counts, si_blurry
+from clbench.scenarios import build_stream
+from clbench.scenarios.si_blurry import SiBlurryConfig, assign_blurry, class_counts, si_blurry
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logging.console=false", "logging.tensorboard=false", "checkpoint.enabled=false",
