@@ -1,4 +1,9 @@
-"""Shared fixtures: paths to the real data in ../shared/data and a small, fast MNIST."""
+"""Shared fixtures: the real-data root and a small, fast MNIST.
+
+The data root is ``$CLBENCH_DATA_ROOT`` when it is set, else ``<repo>/../shared/data``; it is
+resolved once, here, and every test reads it from :data:`DATA_ROOT` (module-level skip marks)
+or the ``data_root`` fixture, never re-deriving it.  The autouse fixture exports that same
+root to the code under test."""
 
 from __future__ import annotations
 
@@ -8,8 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_DIR = SHARED_DATA / "mnist"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ["CLBENCH_DATA_ROOT"]) if os.environ.get("CLBENCH_DATA_ROOT") else REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = DATA_ROOT  # older name
+MNIST_DIR = DATA_ROOT / "mnist"
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The real-data root (``$CLBENCH_DATA_ROOT`` if set, else ``<repo>/../shared/data``)."""
+    return DATA_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +31,7 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "clbench-cache"
     monkeypatch.setenv("CLBENCH_CACHE", str(cache))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("CLBENCH_DATA_ROOT", str(SHARED_DATA))
+    monkeypatch.setenv("CLBENCH_DATA_ROOT", str(DATA_ROOT))  # the same root the tests read
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
