@@ -26,7 +26,7 @@ from clbench.strategies.bn_adapt import BNAdapt, BNAdaptConfig
 from clbench.strategies.cotta import CoTTA, CoTTAConfig, ema_update, stochastic_restore
 from clbench.strategies.tent import Tent, TentConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA_ROOT as SHARED  # noqa: E402  (the one data root, tests/conftest.py)
 WEIGHTS = SHARED / "weights" / "cifar10-resnet"
 CIFAR_TAR = SHARED / "cifar10-jpeg" / "CIFAR-10-images-jpg.tar.gz"
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from clbench.registry import ClbenchError
 
 timm = pytest.importorskip("timm")
 
-DATA_ROOT = Path(os.environ.get("CLBENCH_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import DATA_ROOT  # noqa: E402  (the one data root, tests/conftest.py)
 VIT_TINY = DATA_ROOT / "weights" / "vit-tiny-tinyimagenet100" / "vit_tiny_p8_64_tin100.safetensors"
 TINY_KWARGS = {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "in_chans": 1}
 
