@@ -4,13 +4,16 @@ Decoding tens of thousands of JPEGs takes a while, so each file-based loader dec
 and saves the uint8 tensors with :func:`torch.save` in the cache directory (``cache_dir``,
 else ``$CLBENCH_CACHE``, else ``~/.cache/clbench``).  The file name holds the dataset name
 and a hash of every source file's absolute path, size and modification time, so changed
-or moved data is decoded again.  Nothing is ever written next to the data.
+or moved data is decoded again.  Nothing is ever written next to the data.  Cache files are read
+with ``weights_only=True`` (no code runs) and checked; a truncated, corrupt or tampered one is
+decoded again and overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -20,6 +23,8 @@ from typing import Callable, Iterable
 import torch
 
 from clbench.data.types import ImageDataset, ImageSplit
+from clbench.registry import ClbenchError
+from clbench.safe_load import torch_load
 
 CACHE_ENV = "CLBENCH_CACHE"
 _FORMAT = 1  # bump when the decoded form of any dataset changes, to invalidate old caches
@@ -50,7 +55,7 @@ def cached_dataset(
     if path.is_file():
         try:
             return _load(path)
-        except Exception as err:  # a damaged or foreign file: decode again and overwrite it
+        except ClbenchError as err:  # a damaged, truncated or tampered file: decode again and overwrite it
             warnings.warn(f"ignoring unreadable dataset cache {path}: {err}", stacklevel=2)
     log.info("decoding dataset %s (done once; cached as %s)", name, path)
     dataset = build()
@@ -85,13 +90,36 @@ def _save(dataset: ImageDataset, path: Path) -> None:
         raise
 
 
+_STATE_KEYS = frozenset({"name", "train_x", "train_y", "test_x", "test_y", "class_names", "mean", "std"})
+
+
 def _load(path: Path) -> ImageDataset:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return ImageDataset(
-        name=state["name"],
-        train=ImageSplit(state["train_x"], state["train_y"]),
-        test=ImageSplit(state["test_x"], state["test_y"]),
-        class_names=tuple(state["class_names"]),
-        mean=tuple(state["mean"]),
-        std=tuple(state["std"]),
-    )
+    """A cache file read with ``weights_only=True`` (no code runs) and checked to be what :func:`_save`
+    writes; anything else (truncated, corrupt, tampered) is a ClbenchError, and the caller rebuilds."""
+    state = torch_load(path, "dataset cache")
+    if not isinstance(state, dict) or set(state) != _STATE_KEYS:
+        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ClbenchError(f"dataset cache {path}: not a clbench dataset cache (holds {keys})")
+    names, stats = state["class_names"], (state["mean"], state["std"])
+    if not isinstance(state["name"], str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ClbenchError(f"dataset cache {path}: name or class_names are not strings")
+    if not all(isinstance(s, list) and all(type(v) in (float, int) and math.isfinite(v) for v in s) for s in stats):
+        raise ClbenchError(f"dataset cache {path}: mean/std are not lists of finite floats")
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        if not isinstance(state[key], torch.Tensor):
+            raise ClbenchError(f"dataset cache {path}: {key} is not a tensor")
+    try:
+        dataset = ImageDataset(
+            name=state["name"],
+            train=ImageSplit(state["train_x"], state["train_y"]),
+            test=ImageSplit(state["test_x"], state["test_y"]),
+            class_names=tuple(names),
+            mean=tuple(state["mean"]),
+            std=tuple(state["std"]),
+        )
+    except ValueError as err:
+        raise ClbenchError(f"dataset cache {path}: {err}") from None
+    for split in (dataset.train, dataset.test):
+        if len(split) and not (0 <= int(split.y.min()) and int(split.y.max()) < len(names)):
+            raise ClbenchError(f"dataset cache {path}: labels outside 0..{len(names) - 1}")
+    return dataset

@@ -17,7 +17,6 @@ import importlib.util
 import io
 import math
 import os
-import pickle
 import struct
 import tarfile
 import warnings
@@ -32,6 +31,7 @@ import torch
 from clbench.data.cache import cached_dataset
 from clbench.data.types import ImageDataset, ImageSplit
 from clbench.registry import ClbenchError, register_dataset
+from clbench.safe_load import load_data_pickle
 
 DATA_ROOT_ENV = "CLBENCH_DATA_ROOT"
 
@@ -308,18 +308,23 @@ def _parse_idx(data: bytes, where: str, ndim: int) -> torch.Tensor:
 
 def _cifar_meta_names(path: Path) -> tuple[str, ...] | None:
     """The ``label_names`` of a CIFAR-10 ``batches.meta`` file, or None where there is none."""
-    return _unpickle(path.read_bytes(), str(path))[b"label_names"] if path.is_file() else None
+    return _unpickle(path.read_bytes(), str(path)).get(b"label_names") if path.is_file() else None
 
 
 def _unpickle(data: bytes, where: str) -> dict:
-    """A CIFAR python-format pickle (the official format, written by Python 2) with str labels decoded."""
-    try:
-        batch = pickle.loads(data, encoding="bytes")
-        if b"label_names" in batch:
-            batch[b"label_names"] = tuple(n.decode() for n in batch[b"label_names"])
-        return batch
-    except Exception as err:
-        raise ClbenchError(f"{where}: not a CIFAR python batch file ({err})") from err
+    """A CIFAR python-format pickle (the official format, written by Python 2), read by a restricted
+    unpickler that runs no code (:func:`~clbench.safe_load.load_data_pickle`); keys come back as
+    bytes (str keys of a Python 3 pickle are encoded) and ``label_names`` as a tuple of str."""
+    batch = load_data_pickle(data, where)
+    if not isinstance(batch, dict):
+        raise ClbenchError(f"{where}: not a CIFAR python batch file (a {type(batch).__name__}, expected a dict)")
+    batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
+    if b"label_names" in batch:
+        try:
+            batch[b"label_names"] = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in batch[b"label_names"])
+        except (TypeError, UnicodeDecodeError) as err:
+            raise ClbenchError(f"{where}: label_names is not a list of names ({err})") from None
+    return batch
 
 
 def _load_cifar10_batches(files: _Files, cache_dir: str | None) -> ImageDataset:
