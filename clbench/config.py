@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -22,6 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from clbench.logging.config import LoggingConfig
 from clbench.registry import MODELS, SCENARIOS, STRATEGIES, ClbenchError, Registry
+from clbench.validation import bounded, choice, path, path_fields, require, validate
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # as clbench.evaluation.COMPILE_MODES
 
 TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
     "scenario": (SCENARIOS, "class_incremental"),
@@ -32,54 +37,54 @@ TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5  # passes over each experience's data (ignored when iterations is set)
-    iterations: Optional[int] = None  # fixed number of iterations per experience
-    batch_size: int = 32
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    scheduler: str = "none"  # none | cosine (per experience)
-    warmup_iters: int = 0
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    grad_clip: Optional[float] = None  # max global gradient norm
-    augment: str = "none"  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
+    epochs: int = bounded(5, ge=0)  # passes over each experience's data (ignored when iterations is set)
+    iterations: Optional[int] = bounded(None, ge=0)  # fixed number of iterations per experience
+    batch_size: int = bounded(32, ge=1)
+    optimizer: str = choice("sgd", "sgd", "adam", "adamw")  # sgd | adam | adamw
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.0, ge=0, le=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    scheduler: str = choice("none", "none", "cosine")  # none | cosine (per experience)
+    warmup_iters: int = bounded(0, ge=0)
+    amp: str = choice("none", "none", "bf16", "fp16")  # none | bf16 | fp16 (CUDA only)
+    grad_clip: Optional[float] = bounded(None, gt=0)  # max global gradient norm
+    augment: str = choice("none", "none", "flip", "crop_flip")  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
     reset_optimizer: bool = True  # new optimiser state at each experience
     data_on_device: bool = True  # hold the whole stream on the device as uint8
     channels_last: bool = False  # GPU: model weights and training inputs in channels-last (ignored on CPU)
-    compile: str = "none"  # torch.compile the model's forward: none | default | reduce-overhead | max-autotune
+    compile: str = choice("none", *COMPILE_MODES)  # torch.compile the model's forward: none | default | reduce-overhead | max-autotune
     online: bool = False  # online protocol: one pass in stream order, exposed-class masking (epochs/iterations ignored)
-    online_iter: int = 1  # online: gradient steps per incoming batch (Si-Blurry: 3)
+    online_iter: int = bounded(1, ge=1)  # online: gradient steps per incoming batch (Si-Blurry: 3)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 10  # evaluate every N training iterations (0: only at experience ends)
-    subset_size: int = 1000  # fixed, seeded test subset per task for periodic evaluation (0: all)
-    batch_size: int = 0  # 0: auto (256 on CPU, where larger batches run slower; 2048 on a GPU)
-    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    every: int = bounded(10, ge=0)  # evaluate every N training iterations (0: only at experience ends)
+    subset_size: int = bounded(1000, ge=0)  # fixed, seeded test subset per task for periodic evaluation (0: all)
+    batch_size: int = bounded(0, ge=0)  # 0: auto (256 on CPU, where larger batches run slower; 2048 on a GPU)
+    precision: str = choice("auto", "auto", "fp32", "bf16")  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
-    compile: str = "none"  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = choice("none", *COMPILE_MODES)  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
     overlap: bool = False  # offline loop: evaluate a weight snapshot on a side CUDA stream while training goes on
-    windows: List[int] = field(default_factory=lambda: [10, 100])  # WF^w / WP^w window sizes
-    recovery_tol: float = 0.05  # stability gap: recovered when acc >= pre-boundary acc - tol
+    windows: List[int] = bounded(default_factory=lambda: [10, 100], ge=1)  # WF^w / WP^w window sizes
+    recovery_tol: float = bounded(0.05, ge=0, le=1)  # stability gap: recovered when acc >= pre-boundary acc - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
-    every_samples: int = 1000  # online: evaluate every N training samples on the exposed classes (0: task ends only)
+    every_samples: int = bounded(1000, ge=0)  # online: evaluate every N training samples on the exposed classes (0: task ends only)
 
 
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # checkpoint at each experience end
-    every: int = 0  # also every N iterations (0: never mid-experience)
+    every: int = bounded(0, ge=0)  # also every N iterations (0: never mid-experience)
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = bounded(0, ge=0, lt=2**63)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     output_dir: str = "runs"
     name: Optional[str] = None  # run directory name (default: time stamp + scenario + strategy)
-    cache_dir: Optional[str] = None  # decoded-dataset cache (default: $CLBENCH_CACHE or ~/.cache/clbench)
+    cache_dir: Optional[str] = path(None)  # decoded-dataset cache (default: $CLBENCH_CACHE or ~/.cache/clbench)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     plugins: List[str] = field(default_factory=list)  # .py files or module names to import (they register components)
     scenario: Any = None
@@ -89,6 +94,27 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        """Rules across fields and against the file system, checked before anything is written."""
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+                f"device '{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")
+        check_output_dir(self.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """That runs can be created under ``output_dir``: it is a folder (or can be made one, i.e.
+    its nearest existing ancestor is a writable folder)."""
+    target = Path(output_dir).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"is under {existing}, which is a file"
+        raise ClbenchError(f"output_dir {output_dir} {what}; set output_dir to a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == target else f" (its nearest existing folder {existing} is not writable)"
+        raise ClbenchError(f"output_dir {output_dir} is not writable{where}; set output_dir to a writable folder")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -104,7 +130,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for section, (registry, default) in TYPED_SECTIONS.items():
         cfg[section] = typed_section(section, registry, default, file_cfg.get(section), cli_cfg.get(section))
     OmegaConf.resolve(cfg)
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every value of a loaded config against its schema's ranges and choices and the
+    ``validate()`` hooks (:mod:`clbench.validation`); a :class:`ClbenchError` names the first bad key."""
+    run_config = OmegaConf.to_object(cfg)
+    validate(run_config)
 
 
 def typed_section(section: str, registry: Registry, default: str, file_part: Any, cli_part: Any) -> DictConfig:

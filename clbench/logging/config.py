@@ -7,21 +7,25 @@ typing so that every OmegaConf version the project supports can read the annotat
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from clbench.validation import bounded, choice
+
 
 @dataclass
 class WandbConfig:
     """Weights & Biases logging; off unless ``enabled``.
 
     ``mode``: ``auto`` (online when credentials exist, else offline), ``online``,
-    ``offline`` or ``disabled``.
+    ``offline`` or ``disabled``.  ``init_timeout``: seconds an online start may take (no network,
+    a bad key...) before the run logs offline instead, with one warning.
     """
 
     enabled: bool = False
     project: str = "clbench"
     entity: Optional[str] = None
-    mode: str = "auto"
+    mode: str = choice("auto", "auto", "online", "offline", "disabled")
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    init_timeout: float = bounded(5.0, gt=0)
 
 
 @dataclass
@@ -32,5 +36,5 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     jsonl: bool = True
-    log_every: int = 10
+    log_every: int = bounded(10, ge=0)  # 0: like 1
     wandb: WandbConfig = field(default_factory=WandbConfig)

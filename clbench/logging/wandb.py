@@ -5,10 +5,11 @@ from __future__ import annotations
 import netrc
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
-from clbench.logging.base import RunLogger
+from clbench.logging.base import LoggerWarning, RunLogger
 from clbench.logging.config import WandbConfig
 from clbench.logging.serialize import flatten, to_jsonable
 
@@ -22,7 +23,8 @@ class WandbLogger(RunLogger):
     The W&B run id is kept in ``run_dir/wandb_run_id.txt`` so that a resumed run continues
     the same W&B run; steps W&B already has (logged after the last checkpoint by the run that
     died) are skipped rather than rejected one warning at a time. W&B's console capture is
-    off: the console logger owns the terminal. Every failure (no network, bad credentials...)
+    off: the console logger owns the terminal. An online start that fails or takes longer than
+    ``init_timeout`` (no network, an invalid key) falls back to offline with one warning. Every failure (no network, bad credentials...)
     is non-fatal.
     """
 
@@ -39,20 +41,33 @@ class WandbLogger(RunLogger):
         id_file = self.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(
+        mode = resolve_mode(self.cfg.mode, self.run_dir)
+        try:
+            self._run = self._init(wandb, run_id, mode)
+        except (wandb.errors.Error, TimeoutError) as err:
+            if mode != "online":
+                raise
+            warnings.warn(f"wandb: could not start online within logging.wandb.init_timeout="
+                          f"{self.cfg.init_timeout:g} s ({type(err).__name__}: {err}); logging offline under "
+                          f"{self.run_dir / 'wandb'} (upload later with `wandb sync`)", LoggerWarning, stacklevel=2)
+            self._run = self._init(wandb, run_id, "offline")
+        id_file.write_text(run_id + "\n")
+        self._first_step = self._run.step if info.get("resumed") else 0
+
+    def _init(self, wandb: Any, run_id: str, mode: str) -> Any:
+        """``wandb.init`` in ``mode``, its start bounded by ``init_timeout`` seconds."""
+        return wandb.init(
             project=self.cfg.project,
             entity=self.cfg.entity,
             name=self.cfg.name,
             tags=list(self.cfg.tags),
             config=to_jsonable(self.config_dict),
             dir=str(self.run_dir),
-            mode=resolve_mode(self.cfg.mode, self.run_dir),
+            mode=mode,
             id=run_id,
             resume="allow",
-            settings=wandb.Settings(console="off"),
+            settings=wandb.Settings(console="off", init_timeout=float(self.cfg.init_timeout)),
         )
-        id_file.write_text(run_id + "\n")
-        self._first_step = self._run.step if info.get("resumed") else 0
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, kind: str) -> None:
         if step >= self._first_step:
