@@ -76,6 +76,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
+from clbench.safe_load import torch_load
 from clbench.strategy import Context, Strategy, StrategyConfig, experience_features
 from clbench.scenarios.base import Experience, seeded_generator
 
@@ -134,7 +135,7 @@ class FeTrIL(Strategy):
         self.stats: list[dict[str, Any]] = []  # per state: sample counts, chosen n*, fit time (not checkpointed)
         self.pretrained = cfg.initial_model is not None
         if self.pretrained:
-            state = torch.load(cfg.initial_model, map_location="cpu", weights_only=True)
+            state = torch_load(cfg.initial_model, "strategy.initial_model")  # weights_only=True: no code runs
             state = state.get("model", state) if isinstance(state, dict) else state
             try:
                 model.load_state_dict(state)

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
+from clbench.safe_load import tensor_state_dict, torch_load
 
 DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of the provided weights
@@ -120,14 +121,9 @@ def load_checkpoint(model: Classifier, path: str | Path) -> None:
             f"resnet{{20,32,44,56}}-*.th in ../shared/data/weights/cifar10-resnet (set model.checkpoint to one), "
             f"or set model.checkpoint=null for a randomly initialised model"
         )
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ClbenchError(f"model cifar_resnet: cannot read checkpoint {file}: {err}") from err
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict):
-        raise ClbenchError(f"model cifar_resnet: {file} holds no state dict")
-    state = convert_state_dict(state)
+    raw = torch_load(file, "model cifar_resnet: checkpoint")  # weights_only=True: nothing in the file runs
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    state = convert_state_dict(tensor_state_dict(state, file, "model cifar_resnet: checkpoint"))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]

@@ -29,6 +29,7 @@ from torch import nn
 
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
+from clbench.safe_load import load_safetensors, tensor_state_dict, torch_load
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "dataset": None,  # the stream's own per-channel statistics
@@ -60,16 +61,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ClbenchError(f"model checkpoint not found: {path} (expected a .safetensors or torch state-dict file)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path, "model checkpoint")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path, "model checkpoint")  # weights_only=True: nothing in the file runs
         for key in ("state_dict", "model", "module"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
-    if not isinstance(state, dict):
-        raise ClbenchError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    state = tensor_state_dict(state, path, "model checkpoint")
     return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
