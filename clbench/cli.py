@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
                            description="Run a config; later key=value overrides win (e.g. strategy=ewc strategy.lambda_=1e4).")
     run_p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     run_p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    run_p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run_p.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its last checkpoint (restart it if it has none; a finished run is left as is)")
+    run_p.add_argument("--force-config-change", action="store_true",
+                       help="with --resume: continue even though config.yaml changed since the checkpoint (recorded in run_info)")
     sub.add_parser("list", help="list strategies, scenarios, datasets and models")
     args, extra = parser.parse_known_args(argv)
     if args.command == "run":  # key=value after an option (`run CFG --print-config seed=1`)
@@ -41,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClbenchError as err:
         print(f"clbench: error: {err}", file=sys.stderr)
         return 2 if not type(err).__name__ == "NonFiniteLossError" else 1
-    except KeyboardInterrupt:
-        print("clbench: interrupted; resume with `clbench run --resume RUN_DIR`", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (clbench.engine.Interrupted)
+        run_dir = getattr(err, "run_dir", None)
+        hint = f"; resume with `clbench run --resume {run_dir}`" if run_dir else ""
+        print(f"clbench: interrupted{hint}", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,11 +60,14 @@ def _run(args: argparse.Namespace) -> int:
         config_path = overrides.pop(0)
     if args.resume:
         if config_path or overrides:
-            raise ClbenchError("--resume continues a run with its own saved config; drop the config file and overrides")
+            raise ClbenchError("--resume continues a run with its own saved config; drop the config file and overrides "
+                               "(edit its config.yaml and pass --force-config-change to change it)")
         from clbench.engine import run
 
-        run(resume=args.resume)
+        run(resume=args.resume, force_config_change=args.force_config_change)
         return 0
+    if args.force_config_change:
+        raise ClbenchError("--force-config-change only applies with --resume RUN_DIR")
     from clbench.config import config_to_yaml, load_config
 
     cfg = load_config(config_path, overrides)

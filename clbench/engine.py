@@ -24,18 +24,43 @@ per-experience subsets (stability-gap trackers).  At every task end the subsets 
 once more for the trackers only (unless just measured), and the full test sets give A_last,
 A_avg, F_last and the accuracy matrix.
 
-Resuming (``run(cfg, resume=RUN_DIR)``) restores model, optimiser, scheduler, AMP scaler,
-strategy state, metric trackers and every RNG state from the last checkpoint, so on CPU the
-resumed run's final metrics equal those of an uninterrupted run.
+Resuming (``run(resume=RUN_DIR)``) restores model, optimiser, scheduler, AMP scaler,
+strategy state, metric trackers, the loss accumulator of the current ``logging.log_every``
+window and every RNG state from the last checkpoint, so on CPU the resumed run's
+``summary.json`` and ``metrics.jsonl`` equal those of an uninterrupted run, row for row.
+
+API for callers that drive many runs (``clbench sweep``):
+
+* :func:`run` ``(cfg=None, resume=None, force_config_change=False) -> summary dict``.  With
+  ``resume``: a finished run is left untouched and its existing summary returned; a run
+  killed before its first checkpoint restarts from the beginning in the same directory (its
+  records dropped); otherwise it continues from ``checkpoint.pt`` (``checkpoint.prev.pt``
+  when the newest is damaged).  A ``config.yaml`` edited since the checkpoint is refused
+  (:class:`ConfigChangedError`, listing the keys) unless ``force_config_change``, which is
+  then recorded in ``run_info`` (``config_changes``).
+* :func:`run_status` ``(run_dir) -> str``: ``missing``, ``running`` (locked by a live
+  process), ``finished``, ``failed``, ``interrupted`` or ``incomplete`` (killed).
+
+A live run holds an ``fcntl.flock`` on ``run_dir/run.lock`` (:mod:`clbench.rundir`): a second
+run of the same name, or a ``--resume`` of it, is refused with the holder's PID
+(:class:`~clbench.rundir.RunInUseError`); a lock left by a killed process is taken over.
+SIGINT and SIGTERM stop the run after the current iteration with a checkpoint and status
+``interrupted`` (a second signal stops at once); the exception is :class:`Interrupted`, a
+``KeyboardInterrupt`` carrying ``run_dir`` and ``signum``.  Every other error the user can act
+on is a :class:`~clbench.registry.ClbenchError`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,16 +76,35 @@ from clbench.evaluation import Evaluator, check_compile_mode
 from clbench.logging import build_logger
 from clbench.models import build_model
 from clbench.registry import STRATEGIES, ClbenchError
+from clbench.rundir import (CHECKPOINT, RunLock, create_run_dir, load_checkpoint, notice, read_summary,
+                            refuse_existing, run_status, save_checkpoint)
 from clbench.strategy import Batch, Context, Strategy
 from clbench.transforms import Preprocess
 from clbench.scenarios import build_stream
 from clbench.scenarios.base import seeded_generator
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["run", "run_status", "Engine", "Interrupted", "ConfigChangedError", "NonFiniteLossError", "CHECKPOINT"]
+
+#: Config keys that may change between a checkpoint and its resume (where things are written
+#: and shown, not what is computed).
+RESUME_FREE_KEYS = ("output_dir", "name", "cache_dir", "logging.console", "logging.tensorboard", "logging.wandb")
 
 
 class NonFiniteLossError(ClbenchError):
     """The training loss became NaN or infinite."""
+
+
+class ConfigChangedError(ClbenchError):
+    """``config.yaml`` of a run differs from the config its checkpoint was made with."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT/SIGTERM (``signum``); ``run_dir`` is the directory to resume."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, checkpoint: bool = False):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}" + (" (checkpoint written)" if checkpoint else ""))
+        self.signum, self.run_dir = signum, run_dir
 
 
 @dataclass
@@ -72,22 +116,76 @@ class Position:
     iteration: int = 0
 
 
-def run(cfg: DictConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) one experiment; returns the summary also written to ``summary.json``."""
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ClbenchError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+def run(cfg: DictConfig | None = None, resume: str | Path | None = None,
+        force_config_change: bool = False) -> dict[str, Any]:
+    """Run (``cfg``, default: the built-in default job) or resume (``resume``: a run directory,
+    with its own ``config.yaml``) one experiment; returns the summary written to ``summary.json``.
+
+    Resuming a finished run returns its summary untouched; a run without checkpoint restarts
+    from the beginning in its directory; a ``config.yaml`` changed since the checkpoint raises
+    :class:`ConfigChangedError` unless ``force_config_change``."""
+    if resume is None:
+        return Engine(cfg if cfg is not None else load_config()).run()
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ClbenchError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+    lock = RunLock.acquire(run_dir)
+    try:
+        summary = read_summary(run_dir)
+        if summary is not None and summary.get("status") == "finished":
+            notice(f"{run_dir} is already finished; nothing to resume (its summary.json is unchanged)")
+            lock.release()
+            return summary
         cfg = load_config(run_dir / "config.yaml")  # the run's own config
-    elif cfg is None:
-        cfg = load_config()
-    return Engine(cfg, resume_dir=Path(resume) if resume else None).run()
+        checkpoint = load_checkpoint(run_dir, resolve_device(cfg.device))
+        changes: dict[str, list[Any]] = {}
+        if checkpoint is None:
+            notice(f"{run_dir} has no checkpoint (it stopped before the first one): restarting it from the beginning")
+        elif checkpoint.get("config") is not None:
+            changes = config_changes(checkpoint["config"], flat_config(cfg))
+            if changes and not force_config_change:
+                listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} in config.yaml" for k, (old, new) in changes.items())
+                raise ConfigChangedError(
+                    f"cannot resume {run_dir}: config.yaml changed since the checkpoint ({listed}); "
+                    "restore those values, or pass --force-config-change to continue with the new ones")
+            if changes:
+                notice(f"resuming {run_dir} with a changed config: " + ", ".join(changes))
+        engine = Engine(cfg, resume_dir=run_dir, checkpoint=checkpoint, lock=lock, config_changes=changes)
+    except BaseException:
+        lock.release()
+        raise
+    return engine.run()
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as ``{"train.lr": 0.05, ...}`` (plain values: stored in checkpoints)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(json.loads(json.dumps(to_dict(cfg), default=str)), "")
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{key: [saved, current]}`` for every key that differs, except :data:`RESUME_FREE_KEYS`."""
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)  # noqa: E731
+    return {key: [saved.get(key), current.get(key)] for key in sorted(set(saved) | set(current))
+            if not free(key) and saved.get(key) != current.get(key)}
 
 
 class Engine:
     """One run: stream, model, strategy, evaluator, loggers and the training loop."""
 
-    def __init__(self, cfg: DictConfig, resume_dir: Path | None = None):
+    def __init__(self, cfg: DictConfig, resume_dir: Path | None = None, checkpoint: dict[str, Any] | None = None,
+                 lock: RunLock | None = None, config_changes: dict[str, list[Any]] | None = None):
+        """``resume_dir``: continue that run from ``checkpoint`` (None: restart it) under
+        ``lock``, held by the caller (:func:`run`); otherwise a new run directory is created."""
         self.config = cfg  # the DictConfig, for the run directory
         self.cfg = cfg = OmegaConf.to_object(cfg)  # plain dataclasses: cheap attribute reads in the loops
         seed_everything(cfg.seed, cfg.deterministic)
@@ -116,24 +214,44 @@ class Engine:
         self.evaluator = Evaluator(self.strategy, self.ctx, cfg.eval, online=self.online)
         self.resume_dir = resume_dir
         self.run_dir = resume_dir or make_run_dir(cfg, stream)
+        self.lock = lock
+        self.config_changes = config_changes or {}
         self.position = Position()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
-        self._checkpoint: dict[str, Any] | None = None
+        self._checkpoint: dict[str, Any] | None = checkpoint
+        self._pending_optimizer: dict[str, Any] | None = None  # boundary resume: state for the next optimiser
+        self._resume_loss: dict[str, Any] | None = None  # mid-experience resume: the loss window so far
+        self._losses: LossLog | None = None
+        self._stop_signal: int | None = None  # SIGINT/SIGTERM received: stop after this iteration
         self.status = "running"
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
+        """Train (or continue) to the end; the run directory stays locked until it returns."""
+        if self.lock is None:
+            self.lock = create_run_dir(self.run_dir)
+        try:
+            with self._signals_stop_gracefully():
+                return self._run()
+        except KeyboardInterrupt as err:
+            err.run_dir = self.run_dir  # for the CLI's "resume with" hint
+            raise
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self.resume_dir is not None
-        if resumed:
-            self._checkpoint = torch.load(self.run_dir / CHECKPOINT, map_location=self.device, weights_only=False)
+        (self.run_dir / "summary.json").unlink(missing_ok=True)  # until the run ends, no summary: status "incomplete"
+        if self._checkpoint is not None:
             self.position = Position(**self._checkpoint["position"])
             trim_metrics(self.run_dir, self.position.iteration)
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
+        else:  # a new run, or one killed before its first checkpoint: (re)start from scratch
+            trim_metrics(self.run_dir, None)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+        self.ctx.iteration = self.position.iteration
         self.logger = build_logger(cfg.logging, self.run_dir, to_dict(self.config))
         self.logger.on_run_start(self._run_info(resumed))
         error: BaseException | None = None
@@ -142,9 +260,14 @@ class Engine:
                 self.evaluator.baseline()
             if self._checkpoint is not None and self.position.experience_iteration == 0:
                 self._restore(self._checkpoint, optimizer=False)
+                if not cfg.train.reset_optimizer:
+                    self._pending_optimizer = self._checkpoint["optimizer"]
+                self._checkpoint = None
             step = (self._adapt_experience if self.stream.protocol == "tta"
                     else self._train_online if self.online else self._train_experience)
             for k in range(self.position.experience, len(self.stream)):
+                if self._stop_signal is not None:  # at a boundary: its checkpoint is written
+                    raise Interrupted(self._stop_signal, self.run_dir, checkpoint=cfg.checkpoint.enabled)
                 step(k)
             self.status = "finished"
         except BaseException as err:  # keep what was logged; say why it stopped
@@ -158,6 +281,43 @@ class Engine:
             finally:
                 self.logger.close()
         return summary
+
+    # ------------------------------------------------------------------ signals
+    def _signals_stop_gracefully(self):
+        """SIGINT and SIGTERM ask the loops to stop after the current iteration (with a
+        checkpoint); a second signal raises :class:`Interrupted` at once.  Only in the main
+        thread (elsewhere Python cannot install handlers); the previous handlers come back after."""
+        engine = self
+
+        class Handlers:
+            def __enter__(self):
+                self.saved = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return self
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    self.saved[signum] = signal.signal(signum, engine._on_signal)
+                return self
+
+            def __exit__(self, *exc):
+                for signum, handler in self.saved.items():
+                    signal.signal(signum, handler)
+
+        return Handlers()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:
+            raise Interrupted(signum, self.run_dir)
+        self._stop_signal = signum
+        notice(f"{signal.Signals(signum).name} received: stopping after this iteration with a checkpoint "
+               "(send it again to stop at once)")
+
+    def _stop_here(self, position: Position) -> None:
+        """A stop was asked for: checkpoint ``position`` (where the loop stands) and raise."""
+        if self._stop_signal is None:
+            return
+        if self.cfg.checkpoint.enabled:
+            self._save(position)
+        raise Interrupted(self._stop_signal, self.run_dir, checkpoint=self.cfg.checkpoint.enabled)
 
     def _train_experience(self, k: int) -> None:
         cfg, ctx, stream = self.cfg, self.ctx, self.stream
@@ -173,7 +333,7 @@ class Engine:
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
         if start == 0:
             self.evaluator.start_experience(k, ctx.iteration)
-        losses = LossLog(self, k)
+        losses = self._losses = LossLog(self, k)
         eval_every, checkpoint_every = cfg.eval.every, cfg.checkpoint.every
         self.model.train()
         for it, (idx, which) in enumerate(batch_schedule(sample_idx, sample_exp, cfg, k), start=0):
@@ -186,7 +346,8 @@ class Engine:
                 self._periodic_eval(k)
             if checkpoint_every > 0 and ctx.iteration % checkpoint_every == 0 and not last:
                 self._save(Position(k, it + 1, ctx.iteration))
-        self._drain_evaluations()  # before after_experience may change what predict reads
+            if not last:
+                self._stop_here(Position(k, it + 1, ctx.iteration))
         self.strategy.after_experience(exp, ctx)
         if n_iter == 0:  # no gradient steps (e.g. FeTrIL's incremental states): evaluate once, after
             self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
@@ -217,14 +378,21 @@ class Engine:
         ctx.n_iterations = n_iter
         self.strategy.before_experience(exp, ctx)
         if n_iter and (self.optimizer is None or cfg.train.reset_optimizer):
-            self.optimizer = make_optimizer(self.strategy.param_groups(), cfg.train)
+            self._new_optimizer(self.strategy.param_groups())
+        # the schedule starts from the optimiser's state (a boundary resume has loaded it above),
+        # exactly as in the uninterrupted run
         self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter) if n_iter else None
-        if self._checkpoint is not None:
-            if self.position.experience_iteration > 0:  # mid-experience: after the experience's own set-up
-                self._restore(self._checkpoint, optimizer=True)
-            elif not cfg.train.reset_optimizer and self._checkpoint["optimizer"] is not None:
-                self.optimizer.load_state_dict(self._checkpoint["optimizer"])
+        if self._checkpoint is not None:  # mid-experience: after the experience's own set-up
+            self._restore(self._checkpoint, optimizer=True)
         self._checkpoint = None
+
+    def _new_optimizer(self, groups: list[dict[str, Any]]) -> None:
+        """A fresh optimiser; after a resume at a boundary with ``train.reset_optimizer=false`` it
+        takes the checkpoint's state (as the uninterrupted run keeps its optimiser)."""
+        self.optimizer = make_optimizer(groups, self.cfg.train)
+        if self._pending_optimizer is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
 
     def _train_online(self, k: int) -> None:
         """Experience k under the online protocol (see the module docstring)."""
@@ -244,7 +412,7 @@ class Engine:
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
         if start == 0:
             self.evaluator.start_experience(k, ctx.iteration)
-        losses = LossLog(self, k)
+        losses = self._losses = LossLog(self, k)
         checkpoint_every = cfg.checkpoint.every
         self.model.train()
         for b in range(start, n_batches):
@@ -262,6 +430,8 @@ class Engine:
             if (checkpoint_every > 0 and ctx.iteration // checkpoint_every > (ctx.iteration - reps) // checkpoint_every
                     and b + 1 < n_batches):
                 self._save(Position(k, (b + 1) * reps, ctx.iteration))
+            if b + 1 < n_batches:
+                self._stop_here(Position(k, (b + 1) * reps, ctx.iteration))
         self.strategy.after_experience(exp, ctx)
         final = k == len(stream) - 1
         stream_end = all(e.train_idx.numel() == 0 for e in stream.experiences[k + 1:])
@@ -297,11 +467,14 @@ class Engine:
         self.strategy.before_experience(exp, ctx)
         groups = [g for g in self.strategy.param_groups() if list(g["params"])]
         if groups and (self.optimizer is None or cfg.train.reset_optimizer):
-            self.optimizer = make_optimizer(groups, cfg.train)
+            self._new_optimizer(groups)
+        ctx.iteration = self.position.iteration
         self.logger.on_experience_start(k, len(stream), ctx.n_iterations, exp.classes.tolist())
         hits = torch.zeros((), device=self.device)
         total = 0
         for labelled in ctx.batches([exp], cfg.train.batch_size, split="test"):
+            if self._stop_signal is not None:  # no mid-domain checkpoint: resumes at this domain's start
+                raise Interrupted(self._stop_signal, self.run_dir)
             batch = Batch(labelled.x, torch.full_like(labelled.y, -1), labelled.task)
             with autocast(cfg.train.amp, self.device):
                 scores = self.strategy.forward(ctx.inputs(batch.x), batch, ctx)
@@ -390,10 +563,11 @@ class Engine:
             "rng": rng_state(),
             "online": {"exposed": self.exposed.cpu(), "samples_seen": self.ctx.samples_seen,
                        "last_eval": self._last_eval},
+            "config": flat_config(self.config),
         }
-        tmp = self.run_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        if position.experience_iteration > 0 and self._losses is not None:
+            state["loss"] = self._losses.state_dict()
+        save_checkpoint(state, self.run_dir)
 
     def _restore(self, state: dict[str, Any], optimizer: bool) -> None:
         self.model.load_state_dict(state["model"])
@@ -403,6 +577,7 @@ class Engine:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state["scheduler"] is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
+            self._resume_loss = state.get("loss")
         self.scaler.load_state_dict(state["scaler"])
         if "online" in state:
             self.exposed = state["online"]["exposed"].to(self.device)
@@ -422,6 +597,8 @@ class Engine:
             "protocol": self.stream.protocol, "n_experiences": len(self.stream), "device": str(self.device),
             "scenario_info": self.stream.info, "online": self.online, "trainable_params": self.trainable_params,
             "versions": versions(), "resumed": resumed, "started": datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": self.position.iteration if resumed and self._checkpoint is not None else None,
+            "config_changes": self.config_changes or None,
         }
 
     def _summary(self, error: BaseException | None) -> dict[str, Any]:
@@ -445,6 +622,16 @@ class LossLog:
         self.loss_sum = torch.zeros((), device=engine.device)
         self.log_every = max(1, engine.cfg.logging.log_every)
         self.on_cpu = engine.device.type == "cpu"
+        if engine._resume_loss is not None:  # resumed mid-window: the iterations before the checkpoint count
+            self.load_state_dict(engine._resume_loss)
+            engine._resume_loss = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "nonfinite": self.nonfinite.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.loss_sum.copy_(state["loss_sum"])
+        self.nonfinite.copy_(state["nonfinite"])
 
     def record(self, loss: torch.Tensor, it: int, n_iter: int) -> bool:
         """Book iteration ``it`` (0-based within the experience); True on the experience's last."""
@@ -605,35 +792,47 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain data (tensors, numbers, lists): loadable with ``weights_only=True``."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def make_run_dir(cfg: RunConfig, stream) -> Path:
+    """The new run's directory path (created, locked, by :func:`clbench.rundir.create_run_dir`)."""
     name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{stream.name}-{cfg.strategy.name}-s{cfg.seed}"
     path = Path(cfg.output_dir) / name
     if path.exists():
-        raise ClbenchError(f"run directory {path} already exists; choose another name= or resume it with --resume {path}")
+        refuse_existing(path)
     return path
 
 
-def trim_metrics(run_dir: Path, iteration: int) -> None:
-    """Drop records a killed run logged after its last checkpoint (they will be logged again)."""
+def trim_metrics(run_dir: Path, iteration: int | None) -> None:
+    """Drop records a killed run logged after its last checkpoint at ``iteration`` (they will be
+    logged again); ``None``: drop them all (the run restarts from the beginning)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    import json
-
+    if iteration is None:
+        path.write_text("")
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        return
     kept = []
     for line in path.read_text().splitlines():
         try:
