@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from clbench.validation import bounded, choice
 
 VARIANTS = ("paper", "released")
 NORMS = ("bn", "adab2n")
@@ -244,12 +245,12 @@ class NormOptions:
     stated: 0.4 and 0.1 are mid-grid choices of ours.
     """
 
-    norm: str = "bn"  # bn | adab2n (every BatchNorm2d of the model swapped in setup)
-    kappa: float = 0.4  # AdaB2N's momentum exponent kappa (1 = BN's EMA, 0 = cumulative mean)
-    lambda_: float = 0.1  # AdaB2N's weight lambda of the statistics regulariser
-    ada_t0: int = 0  # first task (experience index) whose loss includes the regulariser
+    norm: str = choice("bn", "bn", "adab2n")  # bn | adab2n (every BatchNorm2d of the model swapped in setup)
+    kappa: float = bounded(0.4, ge=0, le=1)  # AdaB2N's momentum exponent kappa (1 = BN's EMA, 0 = cumulative mean)
+    lambda_: float = bounded(0.1, ge=0)  # AdaB2N's weight lambda of the statistics regulariser
+    ada_t0: int = bounded(0, ge=0)  # first task (experience index) whose loss includes the regulariser
     task_weight_init: float = 0.0  # initial log Dirichlet concentration w of every task (alpha = e^w = 1)
-    adab2n_variant: str = "paper"  # paper | released (absent tasks keep posterior mass; biased running variance)
+    adab2n_variant: str = choice("paper", "paper", "released")  # paper | released (absent tasks keep posterior mass; biased running variance)
 
 
 class NormControl:

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from clbench.registry import ClbenchError
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig, masked_cross_entropy
+from clbench.validation import bounded, choice
 
 LayerPrompts = dict[int, torch.Tensor]  # block index -> [B, n, L, D] prompts for that block
 
@@ -238,18 +239,18 @@ class PromptConfig(StrategyConfig):
 
     mask_past_logits: bool = True  # CE over the current experience's classes only (spec §0; CODA/OVOR code)
     vor: bool = False  # OVOR's virtual outlier regularisation in the last vor_fraction of each experience
-    vor_fraction: float = 0.2  # share of iterations in the VOR phase (E2/(E1+E2): 10/50 IN-R, 4/20 CIFAR)
-    vor_epochs: int = 4  # outlier regenerations in the VOR phase (E2; 4 on CIFAR, 10 on IN-R)
-    vor_lambda: float = 0.1  # weight of the energy terms
+    vor_fraction: float = bounded(0.2, ge=0, le=1)  # share of iterations in the VOR phase (E2/(E1+E2): 10/50 IN-R, 4/20 CIFAR)
+    vor_epochs: int = bounded(4, ge=1)  # outlier regenerations in the VOR phase (E2; 4 on CIFAR, 10 on IN-R)
+    vor_lambda: float = bounded(0.1, ge=0)  # weight of the energy terms
     vor_tau_id: float = -15.0  # energy margin of inliers
     vor_tau_ood: float = -3.0  # energy margin of outliers
-    vor_k: int = 50  # kNN: the k-th neighbour's distance
-    vor_select: int = 50  # boundary samples (largest k-NN distance)
-    vor_sample_from: int = 600  # Gaussian candidates drawn per boundary sample
-    vor_sigma: float = 0.1  # std of the candidates around a boundary sample (code: cov)
-    vor_per_class: int = 40  # outliers kept per class of the experience
-    vor_outlier_center: str = "boundary"  # boundary (paper) | origin (released code: N(0, sigma^2 I), issue ovor#5)
-    feature_batch_size: int = 256  # batch of the VOR feature pass
+    vor_k: int = bounded(50, ge=1)  # kNN: the k-th neighbour's distance
+    vor_select: int = bounded(50, ge=1)  # boundary samples (largest k-NN distance)
+    vor_sample_from: int = bounded(600, ge=1)  # Gaussian candidates drawn per boundary sample
+    vor_sigma: float = bounded(0.1, ge=0)  # std of the candidates around a boundary sample (code: cov)
+    vor_per_class: int = bounded(40, ge=1)  # outliers kept per class of the experience
+    vor_outlier_center: str = choice("boundary", "boundary", "origin")  # boundary (paper) | origin (released code: N(0, sigma^2 I), issue ovor#5)
+    feature_batch_size: int = bounded(256, ge=1)  # batch of the VOR feature pass
 
 
 @dataclass

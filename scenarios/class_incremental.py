@@ -16,6 +16,7 @@ import torch
 from clbench.data import load_dataset
 from clbench.registry import ClbenchError, register_scenario
 from clbench.scenarios.base import Experience, Stream, indices_by_class, remap_labels, seeded_generator, split_sizes
+from clbench.validation import bounded, path
 
 
 @dataclass
@@ -24,11 +25,11 @@ class ClassSplitConfig:
 
     name: str = "class_incremental"
     dataset: str = "digits"
-    data_root: Optional[str] = None  # folder of the dataset's files (see `clbench list`)
-    n_tasks: int = 5  # experiences, including the initial one when initial_classes > 0
-    initial_classes: int = 0  # B: classes of the first experience (0 = equal split)
-    classes: Optional[List[int]] = None  # restrict to these original labels (e.g. 100..199)
-    class_order: Optional[List[int]] = None  # explicit order of original labels (overrides shuffling)
+    data_root: Optional[str] = path(None)  # folder of the dataset's files (see `clbench list`)
+    n_tasks: int = bounded(5, ge=1)  # experiences, including the initial one when initial_classes > 0
+    initial_classes: int = bounded(0, ge=0)  # B: classes of the first experience (0 = equal split)
+    classes: Optional[List[int]] = bounded(None, ge=0)  # restrict to these original labels (e.g. 100..199)
+    class_order: Optional[List[int]] = bounded(None, ge=0)  # explicit order of original labels (overrides shuffling)
     shuffle_classes: bool = True  # seeded random class order; false = sorted labels
     allow_uneven: bool = False  # allow splits where classes do not divide evenly
 

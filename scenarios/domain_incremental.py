@@ -23,6 +23,7 @@ from clbench.data.types import ImageSplit
 from clbench.registry import ClbenchError, register_scenario
 from clbench.scenarios.base import Experience, PixelPermutation, Rotation, Stream, seeded_generator, split_sizes
 from clbench.scenarios.class_incremental import ClassSplitConfig, resolve_class_order
+from clbench.validation import bounded, choice, path
 
 DOMAINS = ("permuted", "rotated", "split", "datasets")
 
@@ -30,14 +31,14 @@ DOMAINS = ("permuted", "rotated", "split", "datasets")
 @dataclass
 class DomainConfig:
     name: str = "domain_incremental"
-    domain: str = "permuted"  # permuted | rotated | split | datasets
+    domain: str = choice("permuted", "permuted", "rotated", "split", "datasets")  # permuted | rotated | split | datasets
     dataset: str = "digits"
-    data_root: Optional[str] = None
-    n_tasks: int = 5  # not used by domain=datasets (one experience per dataset)
+    data_root: Optional[str] = path(None)
+    n_tasks: int = bounded(5, ge=1)  # not used by domain=datasets (one experience per dataset)
     rotations: Optional[List[float]] = None  # degrees per experience (rotated); default i*180/n_tasks
     first_identity: bool = False  # permuted: leave the first experience unpermuted
     datasets: Optional[List[str]] = None  # domain=datasets: dataset names, in order
-    data_roots: Optional[List[str]] = None  # domain=datasets: one root per dataset (optional)
+    data_roots: Optional[List[str]] = path(None)  # domain=datasets: one root per dataset (optional)
     shuffle_classes: bool = True  # domain=split: seeded class grouping
 
 

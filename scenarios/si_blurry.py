@@ -69,6 +69,7 @@ from clbench.scenarios.base import (
     seeded_generator,
 )
 from clbench.scenarios.class_incremental import resolve_class_order
+from clbench.validation import bounded, choice, path
 
 VARIANTS = ("stochastic", "fixed")
 
@@ -77,13 +78,13 @@ VARIANTS = ("stochastic", "fixed")
 class SiBlurryConfig:
     name: str = "si_blurry"
     dataset: str = "digits"
-    data_root: Optional[str] = None  # folder of the dataset's files (see `clbench list`)
-    n_tasks: int = 5  # T (paper: 5)
-    disjoint_percent: float = 50.0  # N: % of classes that are disjoint (paper: 50)
-    blurry_percent: float = 10.0  # M: % of blurry-class samples shuffled across tasks (paper: 10)
-    variant: str = "stochastic"  # stochastic (Si-Blurry: random classes/blur per task) | fixed (i-Blurry-like)
-    classes: Optional[List[int]] = None  # restrict to these original labels
-    class_order: Optional[List[int]] = None  # explicit class permutation (overrides the seeded one)
+    data_root: Optional[str] = path(None)  # folder of the dataset's files (see `clbench list`)
+    n_tasks: int = bounded(5, ge=1)  # T (paper: 5)
+    disjoint_percent: float = bounded(50.0, ge=0, le=100)  # N: % of classes that are disjoint (paper: 50)
+    blurry_percent: float = bounded(10.0, ge=0, le=100)  # M: % of blurry-class samples shuffled across tasks (paper: 10)
+    variant: str = choice("stochastic", "stochastic", "fixed")  # stochastic (Si-Blurry: random classes/blur per task) | fixed (i-Blurry-like)
+    classes: Optional[List[int]] = bounded(None, ge=0)  # restrict to these original labels
+    class_order: Optional[List[int]] = bounded(None, ge=0)  # explicit class permutation (overrides the seeded one)
     shuffle_classes: bool = True  # seeded random class permutation; false = sorted labels
     exact_pool: bool = True  # pool exactly M% of blurry samples (paper); false: the released code's clipped pool
 

@@ -42,6 +42,7 @@ from clbench.models.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
 from clbench.registry import ClbenchError, register_scenario
 from clbench.scenarios.base import Experience, Stream, seeded_generator
 from clbench.scenarios.corruptions import CORRUPTIONS, IMAGE_SIZE, corrupt
+from clbench.validation import bounded, path
 
 #: Bump when the corrupted images of any corruption change (invalidates cached streams).
 CORRUPTION_VERSION = 1
@@ -51,14 +52,14 @@ CORRUPTION_VERSION = 1
 class CorruptionStreamConfig:
     name: str = "corruption_stream"
     dataset: str = "cifar10"  # a dataset of 32x32 RGB images (the corruption constants are CIFAR's)
-    data_root: Optional[str] = None
+    data_root: Optional[str] = path(None)
     corruptions: List[str] = field(default_factory=lambda: list(CORRUPTIONS))  # one domain each, in this order
-    severity: int = 5  # 1..5; CoTTA reports severity 5
-    n_examples: int = 10000  # test images per domain (RobustBench's NUM_EX)
-    corruption_seed: int = 0  # fixes the corrupted images (and the subset); independent of the run seed
+    severity: int = bounded(5, ge=1, le=5)  # 1..5; CoTTA reports severity 5
+    n_examples: int = bounded(10000, ge=1)  # test images per domain (RobustBench's NUM_EX)
+    corruption_seed: int = bounded(0, ge=0)  # fixes the corrupted images (and the subset); independent of the run seed
     shuffle: bool = True  # seeded random order within each domain (the JPEG copy is class-sorted)
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # input normalisation of the source model
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: List[float] = bounded(default_factory=lambda: list(IMAGENET_STD), gt=0)
 
 
 @register_scenario("corruption_stream", config=CorruptionStreamConfig,

@@ -36,16 +36,17 @@ from torch import nn
 from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy
 from clbench.registry import ClbenchError, register_strategy
 from clbench.scenarios.base import seeded_generator
+from clbench.validation import bounded, choice
 
 
 @dataclass
 class CodaPromptConfig(PromptConfig):
     name: str = "coda_prompt"
-    pool_size: int = 100  # M components in total (M / n_tasks new ones per task)
-    length: int = 8  # L
-    layers: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    ortho_mu: float = 0.0  # orthogonality penalty weight (0 in the released code)
-    gram_schmidt: str = "exact"  # exact | released (parity: per-vector projections onto old components)
+    pool_size: int = bounded(100, ge=1)  # M components in total (M / n_tasks new ones per task)
+    length: int = bounded(8, ge=1)  # L
+    layers: List[int] = bounded(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    ortho_mu: float = bounded(0.0, ge=0)  # orthogonality penalty weight (0 in the released code)
+    gram_schmidt: str = choice("exact", "exact", "released")  # exact | released (parity: per-vector projections onto old components)
 
 
 def gram_schmidt(old: torch.Tensor, n_new: int, generator: torch.Generator, released: bool = False) -> torch.Tensor:

@@ -58,6 +58,7 @@ from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
 from clbench.scenarios.base import seeded_generator
 from clbench.strategies.bn_adapt import use_batch_statistics
+from clbench.validation import bounded, choice
 
 _CHOICES = {"gate": ("batch", "sample"), "anchor_bn": ("batch", "source"), "average": ("logits", "probs"),
             "augment_params": ("batch", "sample"), "predict": ("teacher", "student")}
@@ -66,16 +67,16 @@ _CHOICES = {"gate": ("batch", "sample"), "anchor_bn": ("batch", "source"), "aver
 @dataclass
 class CoTTAConfig(StrategyConfig):
     name: str = "cotta"
-    ema: float = 0.999  # teacher momentum α (OPTIM.MT)
-    restore_p: float = 0.01  # stochastic restore probability p (OPTIM.RST)
-    threshold: float = 0.92  # anchor-confidence threshold p_th (OPTIM.AP; CIFAR-100 0.72, ImageNet 0.1)
-    n_augmentations: int = 32  # N, augmented copies averaged for the pseudo-label
-    gate: str = "batch"  # batch (code: mean confidence of the batch) | sample
-    anchor_bn: str = "batch"  # batch (code: anchor uses test-batch BN statistics) | source (running statistics)
-    average: str = "logits"  # logits (code) | probs: what is averaged over augmentations
-    augment_params: str = "batch"  # batch (code: one draw per augmented copy for the whole batch) | sample
+    ema: float = bounded(0.999, ge=0, le=1)  # teacher momentum α (OPTIM.MT)
+    restore_p: float = bounded(0.01, ge=0, le=1)  # stochastic restore probability p (OPTIM.RST)
+    threshold: float = bounded(0.92, ge=0, le=1)  # anchor-confidence threshold p_th (OPTIM.AP; CIFAR-100 0.72, ImageNet 0.1)
+    n_augmentations: int = bounded(32, ge=1)  # N, augmented copies averaged for the pseudo-label
+    gate: str = choice("batch", "batch", "sample")  # batch (code: mean confidence of the batch) | sample
+    anchor_bn: str = choice("batch", "batch", "source")  # batch (code: anchor uses test-batch BN statistics) | source (running statistics)
+    average: str = choice("logits", "logits", "probs")  # logits (code) | probs: what is averaged over augmentations
+    augment_params: str = choice("batch", "batch", "sample")  # batch (code: one draw per augmented copy for the whole batch) | sample
     symmetric_ce: bool = False  # ImageNet code's symmetric cross-entropy
-    predict: str = "teacher"  # teacher (code: the pseudo-label is the prediction) | student
+    predict: str = choice("teacher", "teacher", "student")  # teacher (code: the pseudo-label is the prediction) | student
 
 
 @register_strategy("cotta", config=CoTTAConfig,

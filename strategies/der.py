@@ -34,16 +34,17 @@ from clbench.norms import NormOptions
 from clbench.registry import register_strategy
 from clbench.strategy import Batch, Context, StrategyConfig, masked_cross_entropy
 from clbench.strategies._joint_replay import JointReplayStrategy
+from clbench.validation import bounded
 
 
 @dataclass
 class DERPPConfig(NormOptions, StrategyConfig):
     name: str = "derpp"
-    buffer_size: int = 500  # reservoir buffer
-    replay_batch_size: Optional[int] = None  # samples per buffer draw (default: train.batch_size)
+    buffer_size: int = bounded(500, ge=0)  # reservoir buffer
+    replay_batch_size: Optional[int] = bounded(None, ge=1)  # samples per buffer draw (default: train.batch_size)
     # mammoth/AdaB2N best_args, seq-cifar10 @ buffer 500 (@2000: alpha 0.1, beta 1.0)
-    alpha: float = 0.2  # weight of the logit-matching (MSE) term
-    beta: float = 0.5  # weight of the buffer cross-entropy term (0: DER)
+    alpha: float = bounded(0.2, ge=0)  # weight of the logit-matching (MSE) term
+    beta: float = bounded(0.5, ge=0)  # weight of the buffer cross-entropy term (0: DER)
     unseen_logits: bool = False  # true: CE terms over all logits, as the released code
 
 

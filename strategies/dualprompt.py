@@ -28,18 +28,19 @@ from torch import nn
 
 from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys, merge_prompts
 from clbench.registry import ClbenchError, register_strategy
+from clbench.validation import bounded
 
 
 @dataclass
 class DualPromptConfig(PromptConfig):
     name: str = "dualprompt"
-    g_length: int = 6
-    g_layers: List[int] = field(default_factory=lambda: [0, 1])
-    e_length: int = 20
-    e_layers: List[int] = field(default_factory=lambda: [2, 3, 4])
-    e_pool_size: int = 0  # 0: one E-prompt per task (the stream's number of experiences)
+    g_length: int = bounded(6, ge=1)
+    g_layers: List[int] = bounded(default_factory=lambda: [0, 1], ge=0)
+    e_length: int = bounded(20, ge=1)
+    e_layers: List[int] = bounded(default_factory=lambda: [2, 3, 4], ge=0)
+    e_pool_size: int = bounded(0, ge=0)  # 0: one E-prompt per task (the stream's number of experiences)
     train_task_id: bool = True  # training picks the task's E-prompt (paper and code); false: by key
-    key_loss_weight: float = 1.0
+    key_loss_weight: float = bounded(1.0, ge=0)
 
 
 class DualPromptModule(nn.Module):

@@ -38,13 +38,14 @@ from clbench.norms import NormOptions
 from clbench.registry import register_strategy
 from clbench.strategy import Batch, Context, StrategyConfig, masked_cross_entropy
 from clbench.strategies._joint_replay import JointReplayStrategy
+from clbench.validation import bounded
 
 
 @dataclass
 class ERACEConfig(NormOptions, StrategyConfig):
     name: str = "er_ace"
-    buffer_size: int = 500  # reservoir buffer (AdaB2N's Split CIFAR-10 settings: 500 and 2000)
-    replay_batch_size: Optional[int] = None  # buffer samples per step (default: train.batch_size, as the code)
+    buffer_size: int = bounded(500, ge=0)  # reservoir buffer (AdaB2N's Split CIFAR-10 settings: 500 and 2000)
+    replay_batch_size: Optional[int] = bounded(None, ge=1)  # buffer samples per step (default: train.batch_size, as the code)
     unseen_logits: bool = False  # true: the released codes' masks (see the module docstring)
 
 

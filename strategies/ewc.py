@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from clbench.registry import ClbenchError, register_strategy
 from clbench.regularizers import ParameterRegularization, batch_fisher, per_sample_fisher
 from clbench.strategy import Context, StrategyConfig, masked_cross_entropy
+from clbench.validation import bounded, choice
 
 
 @dataclass
 class EWCConfig(StrategyConfig):
     name: str = "ewc"
-    lambda_: float = 10.0  # Smith et al. 2023: mu = 10 (CIFAR-100); van de Ven 2022 uses 1e5-1e9 on MNIST
-    params: str = "backbone"  # backbone | all
-    fisher: str = "sample"  # sample (per-sample empirical Fisher) | batch (released code's estimate)
-    fisher_batch_size: int = 64
-    gamma: float = 1.0  # online decay of accumulated Fisher (1: plain sum over tasks)
+    lambda_: float = bounded(10.0, ge=0)  # Smith et al. 2023: mu = 10 (CIFAR-100); van de Ven 2022 uses 1e5-1e9 on MNIST
+    params: str = choice("backbone", "backbone", "all")  # backbone | all
+    fisher: str = choice("sample", "sample", "batch")  # sample (per-sample empirical Fisher) | batch (released code's estimate)
+    fisher_batch_size: int = bounded(64, ge=1)
+    gamma: float = bounded(1.0, ge=0, le=1)  # online decay of accumulated Fisher (1: plain sum over tasks)
 
 
 @register_strategy("ewc", config=EWCConfig, description="Elastic weight consolidation (online, per-sample Fisher)")

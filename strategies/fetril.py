@@ -79,6 +79,7 @@ from clbench.registry import ClbenchError, register_strategy
 from clbench.safe_load import torch_load
 from clbench.strategy import Context, Strategy, StrategyConfig, experience_features
 from clbench.scenarios.base import Experience, seeded_generator
+from clbench.validation import bounded, choice, path, require
 
 CLASSIFIERS = ("svm", "fc")
 SVM_SOLVERS = ("liblinear", "torch")
@@ -87,22 +88,25 @@ SVM_SOLVERS = ("liblinear", "torch")
 @dataclass
 class FeTrILConfig(StrategyConfig):
     name: str = "fetril"
-    classifier: str = "svm"  # svm: one-vs-rest LinearSVC (FeTrIL) | fc: a linear layer (FeTrIL^fc)
-    svm_c: float = 1.0  # LinearSVC C (official config 'regul')
-    svm_tol: float = 1e-4  # LinearSVC tol (official config 'toler')
-    svm_max_iter: int = 1000  # liblinear iterations (sklearn default; the official code keeps it)
+    classifier: str = choice("svm", "svm", "fc")  # svm: one-vs-rest LinearSVC (FeTrIL) | fc: a linear layer (FeTrIL^fc)
+    svm_c: float = bounded(1.0, gt=0)  # LinearSVC C (official config 'regul')
+    svm_tol: float = bounded(1e-4, gt=0)  # LinearSVC tol (official config 'toler')
+    svm_max_iter: int = bounded(1000, ge=1)  # liblinear iterations (sklearn default; the official code keeps it)
     normalize: bool = True  # L2-normalise features for the SVMs, training and test (paper, official code)
-    svm_solver: str = "liblinear"  # liblinear: sklearn LinearSVC, as released | torch: the same objective on the device
-    fc_epochs: int = 50  # FeTrIL^fc (PyCIL exps/fetril.json: epochs 50)
-    fc_lr: float = 0.05  # PyCIL: lr 0.05, per-epoch cosine annealing to 0
-    fc_momentum: float = 0.9  # PyCIL: SGD momentum 0.9
-    fc_weight_decay: float = 5e-4  # PyCIL: weight_decay 5e-4
-    fc_batch_size: int = 128  # PyCIL: batch_size 128
+    svm_solver: str = choice("liblinear", "liblinear", "torch")  # liblinear: sklearn LinearSVC, as released | torch: the same objective on the device
+    fc_epochs: int = bounded(50, ge=0)  # FeTrIL^fc (PyCIL exps/fetril.json: epochs 50)
+    fc_lr: float = bounded(0.05, gt=0)  # PyCIL: lr 0.05, per-epoch cosine annealing to 0
+    fc_momentum: float = bounded(0.9, ge=0, le=1)  # PyCIL: SGD momentum 0.9
+    fc_weight_decay: float = bounded(5e-4, ge=0)  # PyCIL: weight_decay 5e-4
+    fc_batch_size: int = bounded(128, ge=1)  # PyCIL: batch_size 128
     fc_normalize: bool = False  # PyCIL trains and applies the fc layer on raw features
-    feature_batch_size: int = 256  # images per forward pass when extracting features
-    n_jobs: int = -1  # threads for the per-class SVM fits (-1: all cores; results do not depend on it)
-    initial_model: Optional[str] = None  # a model state_dict (.pt) to use as the initial model: experience 0 is not trained
+    feature_batch_size: int = bounded(256, ge=1)  # images per forward pass when extracting features
+    n_jobs: int = bounded(-1, ge=-1)  # threads for the per-class SVM fits (-1: all cores; results do not depend on it)
+    initial_model: Optional[str] = path(None)  # a model state_dict (.pt) to use as the initial model: experience 0 is not trained
     parity_unnormalized_first_512: bool = False  # official-code bug: the first 512 SVM training rows stay unnormalised
+
+    def validate(self) -> None:
+        require(self.n_jobs != 0, "strategy.n_jobs must be -1 (all cores) or >= 1, got 0")
 
 
 @register_strategy("fetril", config=FeTrILConfig,

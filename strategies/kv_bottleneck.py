@@ -41,27 +41,28 @@ from torch.nn import functional as F
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
 from clbench.scenarios.base import seeded_generator
+from clbench.validation import bounded, path
 
 
 @dataclass
 class KVBottleneckConfig(StrategyConfig):
     name: str = "kv_bottleneck"
-    codebooks: int = 256  # C
-    keys_per_codebook: int = 4096  # J
-    key_dim: int = 14  # d_k
-    init_epochs: int = 10  # EMA k-means epochs over the pretraining set
-    init_batch_size: int = 256
-    ema_decay: float = 0.95
-    ema_eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    dead_key_fraction: float = 0.1  # keys with EMA count < fraction * batch / J are re-drawn
+    codebooks: int = bounded(256, ge=1)  # C
+    keys_per_codebook: int = bounded(4096, ge=1)  # J
+    key_dim: int = bounded(14, ge=1)  # d_k
+    init_epochs: int = bounded(10, ge=0)  # EMA k-means epochs over the pretraining set
+    init_batch_size: int = bounded(256, ge=1)
+    ema_decay: float = bounded(0.95, ge=0, le=1)
+    ema_eps: float = bounded(1e-5, gt=0)  # Laplace smoothing of the EMA cluster sizes
+    dead_key_fraction: float = bounded(0.1, ge=0, le=1)  # keys with EMA count < fraction * batch / J are re-drawn
     pretrain_dataset: Optional[str] = None  # unlabelled key-init data (null: the stream's dataset)
-    pretrain_data_root: Optional[str] = None  # its folder (null: the dataset's default lookup)
-    pretrain_classes: Optional[List[int]] = None  # original labels used (null: all not in the stream)
-    pretrain_images: Optional[int] = None  # at most this many images (seeded subset; null: all)
-    label_smoothing: float = 0.1
+    pretrain_data_root: Optional[str] = path(None)  # its folder (null: the dataset's default lookup)
+    pretrain_classes: Optional[List[int]] = bounded(None, ge=0)  # original labels used (null: all not in the stream)
+    pretrain_images: Optional[int] = bounded(None, ge=1)  # at most this many images (seeded subset; null: all)
+    label_smoothing: float = bounded(0.1, ge=0, le=1)
     mask_unseen: bool = False  # CE over seen classes only (code: all d_v logits)
     mask_unused: bool = True  # at evaluation, never-selected keys are out of the nearest-key search
-    feature_batch_size: int = 256
+    feature_batch_size: int = bounded(256, ge=1)
 
 
 class KeyValueBottleneck(nn.Module):

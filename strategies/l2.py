@@ -28,16 +28,17 @@ from torch import nn
 from clbench.registry import ClbenchError, register_strategy
 from clbench.regularizers import ParameterRegularization, QuadraticRegularizer
 from clbench.strategy import Context, Strategy, StrategyConfig
+from clbench.validation import bounded, choice
 
 
 @dataclass
 class L2Config(StrategyConfig):
     name: str = "l2"
-    lambda_: float = 0.05  # Smith et al. 2023: eps = 0.05 (CIFAR-100, ResNet-18)
-    params: str = "backbone"  # backbone | all | attention (a ViT's self-attention only; the rest of the backbone frozen)
+    lambda_: float = bounded(0.05, ge=0)  # Smith et al. 2023: eps = 0.05 (CIFAR-100, ResNet-18)
+    params: str = choice("backbone", "backbone", "all", "attention")  # backbone | all | attention (a ViT's self-attention only; the rest of the backbone frozen)
     anchor_initial: bool = False  # regularise toward the initial weights during task 1
-    anchor: str = "previous"  # previous (theta* = last task's end) | initial (theta* = initial/pretrained weights throughout)
-    blocks: Optional[List[int]] = None  # params=attention: indices of the ViT blocks (null: all)
+    anchor: str = choice("previous", "previous", "initial")  # previous (theta* = last task's end) | initial (theta* = initial/pretrained weights throughout)
+    blocks: Optional[List[int]] = bounded(None, ge=0)  # params=attention: indices of the ViT blocks (null: all)
     attention_params: List[str] = field(default_factory=lambda: ["qkv", "proj"])  # params=attention: submodules of blocks[i].attn
 
 

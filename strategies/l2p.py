@@ -33,19 +33,24 @@ from torch import nn
 
 from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys
 from clbench.registry import ClbenchError, register_strategy
+from clbench.validation import bounded, choice, require
 
 
 @dataclass
 class L2PConfig(PromptConfig):
     name: str = "l2p"
-    pool_size: int = 30  # M
-    length: int = 20  # L (prefix: L/2 key + L/2 value tokens)
-    top_k: int = 5  # N prompts selected per sample
-    layers: List[int] = field(default_factory=lambda: [0])  # [0]: L2P++; [0..4]: Deep L2P++
-    mode: str = "prefix"  # prefix (L2P++) | tokens (original L2P: prompt-tuning)
-    pool_features: str = "cls"  # cls | prompt (original L2P: mean of the prompt tokens' outputs)
-    key_loss_weight: float = 1.0  # lambda of the pull constraint
+    pool_size: int = bounded(30, ge=1)  # M
+    length: int = bounded(20, ge=1)  # L (prefix: L/2 key + L/2 value tokens)
+    top_k: int = bounded(5, ge=1)  # N prompts selected per sample
+    layers: List[int] = bounded(default_factory=lambda: [0], ge=0)  # [0]: L2P++; [0..4]: Deep L2P++
+    mode: str = choice("prefix", "prefix", "tokens")  # prefix (L2P++) | tokens (original L2P: prompt-tuning)
+    pool_features: str = choice("cls", "cls", "prompt")  # cls | prompt (original L2P: mean of the prompt tokens' outputs)
+    key_loss_weight: float = bounded(1.0, ge=0)  # lambda of the pull constraint
     key_loss_gather: bool = False  # parity: CODA code's cos_sim[:, k_idx] (B x B x N) key loss
+
+    def validate(self) -> None:
+        require(self.top_k <= self.pool_size,
+                f"strategy.top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
 
 
 def select_top_k(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

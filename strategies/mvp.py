@@ -73,30 +73,31 @@ from clbench.prompts import (LayerPrompts, PromptConfig, PromptOutput, PromptPoo
                              merge_prompts, pool_features, prompted_forward)
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context
+from clbench.validation import bounded, choice
 
 
 @dataclass
 class MVPConfig(PromptConfig):
     name: str = "mvp"
     mask_past_logits: bool = False  # online Si-Blurry: only not-yet-exposed classes are masked (ctx.class_mask)
-    g_length: int = 5
-    g_layers: List[int] = field(default_factory=lambda: [0, 1])
-    e_length: int = 20
-    e_layers: List[int] = field(default_factory=lambda: [2, 3, 4])
-    e_pool_size: int = 10
-    mode: str = "tokens_per_block"  # tokens_per_block (code) | tokens | prefix
-    query: str = "cls"  # cls (final pooled [CLS]) | penultimate (released script: [CLS] before the last block, no norm)
+    g_length: int = bounded(5, ge=1)
+    g_layers: List[int] = bounded(default_factory=lambda: [0, 1], ge=0)
+    e_length: int = bounded(20, ge=1)
+    e_layers: List[int] = bounded(default_factory=lambda: [2, 3, 4], ge=0)
+    e_pool_size: int = bounded(10, ge=1)
+    mode: str = choice("tokens_per_block", "tokens_per_block", "tokens", "prefix")  # tokens_per_block (code) | tokens | prefix
+    query: str = choice("cls", "cls", "penultimate")  # cls (final pooled [CLS]) | penultimate (released script: [CLS] before the last block, no norm)
     use_mask: bool = True  # instance-wise logit masking
     mask_init: float = -1.0
     use_contrastive: bool = True  # usage-scaled selection + contrastive key loss (false: nearest key, mean distance)
     contrastive_broadcast: bool = False  # parity: the code's [B,B,M] mass broadcast in the key loss
-    key_loss_weight: float = 1.0
+    key_loss_weight: float = bounded(1.0, ge=0)
     use_gsf: bool = True  # gradient-similarity focal loss
-    alpha: float = 0.5
-    gamma: float = 2.0
+    alpha: float = bounded(0.5, ge=0)
+    gamma: float = bounded(2.0, ge=0)
     focal_batch_mean: bool = False  # parity: released loss_fn weights the batch-mean CE
     use_afs: bool = True  # adaptive feature scaling
-    margin: float = 0.5
+    margin: float = bounded(0.5, ge=0)
 
 
 # ---------------------------------------------------------------------------- components

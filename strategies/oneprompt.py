@@ -20,15 +20,16 @@ from torch import nn
 
 from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, merge_prompts
 from clbench.registry import register_strategy
+from clbench.validation import bounded
 
 
 @dataclass
 class OnePromptConfig(PromptConfig):
     name: str = "oneprompt"
-    g_length: int = 10
-    g_layers: List[int] = field(default_factory=lambda: [0, 1])
-    e_length: int = 40
-    e_layers: List[int] = field(default_factory=lambda: [2, 3, 4])
+    g_length: int = bounded(10, ge=1)
+    g_layers: List[int] = bounded(default_factory=lambda: [0, 1], ge=0)
+    e_length: int = bounded(40, ge=1)
+    e_layers: List[int] = bounded(default_factory=lambda: [2, 3, 4], ge=0)
 
 
 class OnePromptModule(nn.Module):

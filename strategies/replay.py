@@ -10,13 +10,14 @@ from typing import Any, Optional
 from clbench.buffers import ReservoirBuffer
 from clbench.registry import register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
+from clbench.validation import bounded
 
 
 @dataclass
 class ReplayConfig(StrategyConfig):
     name: str = "replay"
-    buffer_size: int = 200  # samples kept over the whole stream
-    replay_batch_size: Optional[int] = None  # buffer samples per step (default: train.batch_size)
+    buffer_size: int = bounded(200, ge=0)  # samples kept over the whole stream
+    replay_batch_size: Optional[int] = bounded(None, ge=1)  # buffer samples per step (default: train.batch_size)
 
 
 @register_strategy("replay", config=ReplayConfig, description="Experience replay (ER) with a reservoir buffer")

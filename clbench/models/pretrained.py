@@ -30,6 +30,7 @@ from torch import nn
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
 from clbench.safe_load import load_safetensors, tensor_state_dict, torch_load
+from clbench.validation import choice, path
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "dataset": None,  # the stream's own per-channel statistics
@@ -49,8 +50,8 @@ class TimmConfig:
     name: str = "timm"
     arch: str = "vit_tiny_patch8_64"  # a timm model name (or one of CUSTOM_ARCHS)
     pretrained: bool = True  # load weights (checkpoint if given, else timm's hub); false = random init, on purpose
-    checkpoint: Optional[str] = None  # local .safetensors / torch state dict
-    normalize: str = "imagenet"  # input normalisation the weights expect: dataset | imagenet | inception | none
+    checkpoint: Optional[str] = path(None)  # local .safetensors / torch state dict
+    normalize: str = choice("imagenet", "dataset", "imagenet", "inception", "none")  # input normalisation the weights expect: dataset | imagenet | inception | none
     head_prefixes: List[str] = field(default_factory=lambda: ["head.", "fc.", "classifier."])  # dropped from checkpoints
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (drop_path_rate, ...)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
+from clbench.validation import bounded, choice
 
 
 class _BasicBlock(nn.Module):
@@ -62,8 +63,8 @@ class ResNet18Backbone(nn.Module):
 @dataclass
 class ResNet18Config:
     name: str = "resnet18"
-    nf: int = 20  # 20 = reduced ResNet-18 (GEM); 64 = the standard widths
-    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool (32 px) | imagenet: 7x7/2 conv + 3x3/2 max-pool (64 px and up)
+    nf: int = bounded(20, ge=1)  # 20 = reduced ResNet-18 (GEM); 64 = the standard widths
+    stem: str = choice("cifar", "cifar", "imagenet")  # cifar: 3x3 conv, no max-pool (32 px) | imagenet: 7x7/2 conv + 3x3/2 max-pool (64 px and up)
 
 
 @register_model("resnet18", config=ResNet18Config,
