@@ -166,7 +166,9 @@ def run_setting(args, steps: int, initial_model: str | None, n_classes: int | No
 def model_from_checkpoint(path: Path, args) -> str:
     """Save the model of a FeTrIL run's checkpoint (any checkpoint written after experience 0:
     the model never changes afterwards) as a plain state_dict; returns its path."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from clbench.safe_load import torch_load
+
+    ckpt = torch_load(path, "FeTrIL run checkpoint")  # weights_only=True: nothing in the file runs
     if ckpt["position"]["experience"] < 1:
         raise SystemExit(f"{path} was written before the initial training finished (experience 0)")
     out = Path(args.output_dir) / f"initial_model{'_quick' if args.quick else ''}_seed{args.seed}.pt"
