@@ -348,6 +348,7 @@ class Engine:
                 self._save(Position(k, it + 1, ctx.iteration))
             if not last:
                 self._stop_here(Position(k, it + 1, ctx.iteration))
+        self._drain_evaluations()  # before after_experience may change what predict reads
         self.strategy.after_experience(exp, ctx)
         if n_iter == 0:  # no gradient steps (e.g. FeTrIL's incremental states): evaluate once, after
             self.logger.log_metrics(self.evaluator.periodic(ctx.iteration, k + 1), ctx.iteration, "eval")
