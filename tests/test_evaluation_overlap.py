@@ -64,6 +64,59 @@ def test_overlapped_evaluation_with_checkpoints_and_prompt_strategy(tmp_path):
     assert_same_run(*run_pair(tmp_path, extra), min_evals=10)
 
 
+def test_pending_evaluations_stay_pending_until_drained(tmp_path, monkeypatch):
+    """On a CPU the overlapped pass runs at submission, so without this seam every result would
+    be collected at once and draining would never matter.  Here no evaluation ever reports
+    ready (``_Pending.ready`` -> False): results are collected only when the depth limit forces
+    the oldest out or when the engine drains.  Then: at most ``OVERLAP_DEPTH`` are in flight (and
+    that many are reached), each result is logged under its own iteration, every evaluation of
+    an experience is logged before that experience's full-test record, nothing is pending when
+    the evaluator's state is saved (mid-experience checkpoints), and records and tracker
+    summaries equal the synchronous run's."""
+    from clbench import evaluation
+    from clbench.evaluation import OVERLAP_DEPTH, Evaluator
+
+    monkeypatch.setattr(evaluation._Pending, "ready", lambda self: False)
+    depths, pending_at_save, pending_at_experience_end = [], [], []
+    submit, state_dict, experience_end = Evaluator.submit, Evaluator.state_dict, Evaluator.experience_end
+
+    def counting_submit(self, iteration, n_seen):
+        out = submit(self, iteration, n_seen)
+        depths.append(len(self._pending))
+        # a forced-out result is the oldest one, from an earlier iteration
+        assert [it for it, _ in out] == sorted(it for it, _ in out) and all(it < iteration for it, _ in out)
+        return out
+
+    def checked_state_dict(self):
+        if self.overlap:
+            pending_at_save.append(len(self._pending))
+        return state_dict(self)
+
+    def checked_experience_end(self, experience):
+        if self.overlap:
+            pending_at_experience_end.append(len(self._pending))
+        return experience_end(self, experience)
+
+    monkeypatch.setattr(Evaluator, "submit", counting_submit)
+    monkeypatch.setattr(Evaluator, "state_dict", checked_state_dict)
+    monkeypatch.setattr(Evaluator, "experience_end", checked_experience_end)
+    extra = ["train.iterations=12", "scenario.n_tasks=3", "scenario.classes=[0,1,2,3,4,5]", "checkpoint.every=5"]
+    sync_summary, overlap_summary, sync_evals, overlap_evals = run_pair(tmp_path, extra)
+    assert len(depths) == 36 and max(depths) == OVERLAP_DEPTH == 2  # they really stayed pending
+    assert len(pending_at_experience_end) == 3 and set(pending_at_experience_end) == {0}
+    # checkpoints at iterations 5, 10, 15, ... (mid-experience) and at each experience end
+    assert len(pending_at_save) >= 3 + 7 and set(pending_at_save) == {0}
+    assert_same_run(sync_summary, overlap_summary, sync_evals, overlap_evals, min_evals=35)
+    assert [r["step"] for r in overlap_evals] == list(range(1, 37))
+    # file order: an experience's periodic evaluations come before its experience-end record
+    records = [json.loads(line) for line in (tmp_path / "o1" / "metrics.jsonl").read_text().splitlines()]
+    ends = [i for i, r in enumerate(records) if r["kind"] == "experience"]
+    assert len(ends) == 3
+    for k, end in enumerate(ends):
+        steps = [r["step"] for r in records[:end] if r["kind"] == "eval"]
+        assert sorted(steps) == list(range(1, 12 * (k + 1) + 1)), k
+
+
 def test_snapshot_swap_reads_the_captured_weights():
     """After capture, in-place updates of the live weights (an optimiser step) do not reach
     what runs inside ``swapped_in``; outside it the live weights are back."""
