@@ -7,6 +7,7 @@ Examples::
     clbench run configs/split_mnist.yaml --print-config
     clbench run --resume runs/<run-dir>                # continue a killed run
     clbench list                                       # strategies, scenarios, datasets, models
+    clbench sweep configs/split_mnist.yaml strategy=finetune,replay seed=0,1,2   # a grid on Ray
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--force-config-change", action="store_true",
                        help="with --resume: continue even though config.yaml changed since the checkpoint (recorded in run_info)")
     sub.add_parser("list", help="list strategies, scenarios, datasets and models")
+    from clbench import sweep as sweep_mod
+
+    sweep_mod.add_arguments(sub.add_parser("sweep", help="a grid of runs on Ray or SLURM (key=v1,v2 ...)",
+                                           description="Run the cartesian product of the comma lists (e.g. strategy=finetune,ewc seed=0,1,2)."))
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":  # key=value after an option (`run CFG --print-config seed=1`)
+    if args.command in ("run", "sweep"):  # key=value after an option (`run CFG --print-config seed=1`)
         args.args += [e for e in extra if not e.startswith("-")]
         extra = [e for e in extra if e.startswith("-")]
     if extra:
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "sweep":
+            return sweep_mod.main(args)
         return _run(args)
     except ClbenchError as err:
         print(f"clbench: error: {err}", file=sys.stderr)
