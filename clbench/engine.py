@@ -74,6 +74,7 @@ from omegaconf import DictConfig, OmegaConf
 from clbench.config import RunConfig, config_to_yaml, load_config, to_dict
 from clbench.evaluation import Evaluator, check_compile_mode
 from clbench.logging import build_logger
+from clbench.logging.console import PassProgress
 from clbench.models import build_model
 from clbench.registry import STRATEGIES, ClbenchError
 from clbench.rundir import (CHECKPOINT, RunLock, create_run_dir, load_checkpoint, notice, read_summary,
@@ -204,6 +205,8 @@ class Engine:
             check_online(cfg, self.stream)
         self.exposed = torch.zeros(stream.num_classes, dtype=torch.bool, device=self.device)  # online: classes seen
         self._last_eval = -1  # online: samples_seen at the last evaluation
+        if cfg.logging.console:  # long passes (Fisher, features, key fitting) report on the console
+            self.ctx.progress = PassProgress(cfg.logging.progress)
         self.strategy.setup(self.model, self.ctx)
         self.model.to(self.device)
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"

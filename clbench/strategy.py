@@ -27,6 +27,12 @@ once per incoming batch, after its last step (so a buffer stores each sample onc
 the current one included) and changes from batch to batch; ``ctx.samples_seen`` counts the
 training samples received so far.  No new hook.
 
+Progress of long passes: a hook that runs a long per-sample or per-experience pass outside the
+training loop (EWC's Fisher, FeTrIL/SLCA feature extraction, key fitting) iterates through
+``ctx.progress(items, total=n, description="...")``, which yields ``items`` unchanged.  The
+default reports nothing; the engine points it at the console when ``logging.console`` is on (a
+transient bar on a terminal, an occasional plain line elsewhere; :mod:`clbench.logging.console`).
+
 Overlapped evaluation (``eval.overlap``, :mod:`clbench.snapshot`): ``predict`` then runs on a
 snapshot of the parameters and buffers of every ``nn.Module`` the strategy holds as an
 attribute.  A tensor that ``predict`` reads and ``after_step`` changes in place must live in
@@ -36,7 +42,7 @@ such a module (a buffer), not in a plain tensor attribute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -62,6 +68,14 @@ class Batch:
         return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]), torch.cat([self.task, other.task]))
 
 
+T = TypeVar("T")
+
+
+def no_progress(items: Iterable[T], total: int | None = None, description: str = "") -> Iterable[T]:
+    """The default :attr:`Context.progress`: ``items`` unchanged, nothing reported."""
+    return items
+
+
 @dataclass
 class Context:
     """What a strategy may read about the run; the engine updates it, strategies never write it."""
@@ -76,6 +90,7 @@ class Context:
     n_iterations: int = 0  # iterations of the current experience
     class_mask: torch.Tensor | None = None  # bool [n_tasks, num_classes] for the current experience (on device)
     samples_seen: int = 0  # online protocol: training samples received so far (after the current batch's steps)
+    progress: Callable[..., Iterable[Any]] = no_progress  # progress(items, total, description) -> items; reports a long pass
 
     def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Model inputs (normalised floats) for uint8 images; augmented when ``train``."""
@@ -161,7 +176,8 @@ def experience_features(model: nn.Module, exp: "Experience", ctx: Context, batch
     model.eval()
     try:
         feats, labels = [], []
-        for batch in ctx.batches([exp], batch_size):
+        n_batches = -(-exp.train_idx.numel() // batch_size)
+        for batch in ctx.progress(ctx.batches([exp], batch_size), total=n_batches, description="features"):
             feats.append(model.features(ctx.inputs(batch.x)).float())
             labels.append(batch.y)
     finally:

@@ -49,9 +49,10 @@ class EWC(ParameterRegularization):
         return self.cfg.lambda_ / 2
 
     def after_experience(self, exp, ctx: Context) -> None:
-        batches = (
-            (ctx.inputs(b.x), b.y, ctx.class_mask[b.task])
-            for b in ctx.batches([exp], self.cfg.fisher_batch_size)
+        size = self.cfg.fisher_batch_size
+        batches = ctx.progress(
+            ((ctx.inputs(b.x), b.y, ctx.class_mask[b.task]) for b in ctx.batches([exp], size)),
+            total=-(-exp.train_idx.numel() // size), description=f"EWC Fisher ({self.cfg.fisher})",
         )
         if self.cfg.fisher == "sample":
             fisher = per_sample_fisher(self.model, self.reg.params, batches)

@@ -245,7 +245,7 @@ class FeTrIL(Strategy):
         opt = torch.optim.SGD(fc.parameters(), lr=cfg.fc_lr, momentum=cfg.fc_momentum, weight_decay=cfg.fc_weight_decay)
         n = y.numel()
         with torch.enable_grad():
-            for epoch in range(cfg.fc_epochs):
+            for epoch in ctx.progress(range(cfg.fc_epochs), total=cfg.fc_epochs, description="FeTrIL classifier epochs"):
                 for group in opt.param_groups:  # CosineAnnealingLR(T_max=fc_epochs), stepped per epoch
                     group["lr"] = cfg.fc_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.fc_epochs))
                 perm = torch.randperm(n, generator=seeded_generator(ctx.seed, 104, k, epoch)).to(x.device)

@@ -32,14 +32,14 @@ no weight decay (weight decay would move every value, not only the selected ones
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.strategy import Batch, Context, Strategy, StrategyConfig
+from clbench.strategy import Batch, Context, Strategy, StrategyConfig, no_progress
 from clbench.scenarios.base import seeded_generator
 from clbench.validation import bounded, path
 
@@ -108,33 +108,40 @@ class KeyValueBottleneck(nn.Module):
 
     @torch.no_grad()
     def fit_keys(self, z: torch.Tensor, epochs: int, batch_size: int, decay: float, eps: float,
-                 dead_fraction: float, generator: torch.Generator) -> None:
-        """EMA k-means of the keys on features ``z [N, D]`` (see the module docstring, step 3)."""
+                 dead_fraction: float, generator: torch.Generator,
+                 progress: Callable[..., Iterable[Any]] = no_progress) -> None:
+        """EMA k-means of the keys on features ``z [N, D]`` (see the module docstring, step 3);
+        each mini-batch step is reported to ``progress`` (``Context.progress``)."""
         c, j, dk = self.keys.shape
         cluster = torch.zeros(c, j, device=z.device)
         key_sum = self.keys.clone()
         n = z.shape[0]
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=generator).to(z.device)
-            for s in range(0, n, batch_size):
-                h = self.heads(z[perm[s:s + batch_size]])  # [B, C, dk]
-                b = h.shape[0]
-                flat = (self.select(h) + torch.arange(c, device=h.device) * j).flatten()  # [B*C] in C*J
-                counts = torch.bincount(flat, minlength=c * j).view(c, j).to(h.dtype)
-                sums = torch.zeros(c * j, dk, device=h.device).index_add_(0, flat, h.reshape(-1, dk)).view(c, j, dk)
-                cluster.lerp_(counts, 1 - decay)
-                key_sum.lerp_(sums, 1 - decay)
-                total = cluster.sum(-1, keepdim=True)
-                smoothed = (cluster + eps) / (total + j * eps) * total
-                self.keys.copy_(key_sum / smoothed.unsqueeze(-1))
-                threshold = dead_fraction * b / j
-                dead = cluster < threshold  # [C, J]
-                if bool(dead.any()):
-                    pick = torch.randint(0, b, (c, j), generator=generator).to(z.device)
-                    samples = h.transpose(0, 1).gather(1, pick.unsqueeze(-1).expand(c, j, dk))  # [C, J, dk]
-                    self.keys.copy_(torch.where(dead.unsqueeze(-1), samples, self.keys))
-                    cluster.masked_fill_(dead, threshold)
-                    key_sum.copy_(torch.where(dead.unsqueeze(-1), samples * threshold, key_sum))
+
+        def batches() -> Iterator[torch.Tensor]:  # a fresh permutation per epoch, drawn as before
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=generator).to(z.device)
+                for s in range(0, n, batch_size):
+                    yield perm[s:s + batch_size]
+
+        for sel in progress(batches(), total=epochs * -(-n // batch_size), description="key fitting"):
+            h = self.heads(z[sel])  # [B, C, dk]
+            b = h.shape[0]
+            flat = (self.select(h) + torch.arange(c, device=h.device) * j).flatten()  # [B*C] in C*J
+            counts = torch.bincount(flat, minlength=c * j).view(c, j).to(h.dtype)
+            sums = torch.zeros(c * j, dk, device=h.device).index_add_(0, flat, h.reshape(-1, dk)).view(c, j, dk)
+            cluster.lerp_(counts, 1 - decay)
+            key_sum.lerp_(sums, 1 - decay)
+            total = cluster.sum(-1, keepdim=True)
+            smoothed = (cluster + eps) / (total + j * eps) * total
+            self.keys.copy_(key_sum / smoothed.unsqueeze(-1))
+            threshold = dead_fraction * b / j
+            dead = cluster < threshold  # [C, J]
+            if bool(dead.any()):
+                pick = torch.randint(0, b, (c, j), generator=generator).to(z.device)
+                samples = h.transpose(0, 1).gather(1, pick.unsqueeze(-1).expand(c, j, dk))  # [C, J, dk]
+                self.keys.copy_(torch.where(dead.unsqueeze(-1), samples, self.keys))
+                cluster.masked_fill_(dead, threshold)
+                key_sum.copy_(torch.where(dead.unsqueeze(-1), samples * threshold, key_sum))
 
 
 @register_strategy("kv_bottleneck", config=KVBottleneckConfig,
@@ -151,7 +158,7 @@ class KVBottleneck(Strategy):
                                       ctx.stream.num_classes, gen).to(ctx.device)
         feats = self._pretrain_features(ctx)
         model.kv.fit_keys(feats, cfg.init_epochs, cfg.init_batch_size, cfg.ema_decay, cfg.ema_eps,
-                          cfg.dead_key_fraction, gen)
+                          cfg.dead_key_fraction, gen, ctx.progress)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.model.kv.values]}]
@@ -206,7 +213,8 @@ class KVBottleneck(Strategy):
             raise ClbenchError(f"kv_bottleneck: pretraining images {tuple(x.shape[1:])} differ from the stream's "
                                f"{tuple(ctx.stream.train.x.shape[1:])}")
         out = []
-        for s in range(0, idx.numel(), cfg.feature_batch_size):
+        starts = range(0, idx.numel(), cfg.feature_batch_size)
+        for s in ctx.progress(starts, total=len(starts), description="key-init features"):
             xb = x[idx[s:s + cfg.feature_batch_size]].to(ctx.device)
             out.append(self._features(ctx.inputs(xb)))
         self.pretrain_count = int(idx.numel())

@@ -164,3 +164,81 @@ def test_memory_stays_flat_over_many_batches():
 
     fisher = per_sample_fisher(model, params, batches())
     assert len(rss) == n_batches and all(f.grad_fn is None for f in fisher.values())
+
+
+# ------------------------------------------------------------------ progress of long passes
+
+
+class Recorder:
+    """A ``Context.progress`` that records each pass: description, announced total, items seen."""
+
+    def __init__(self):
+        self.passes: list[dict] = []
+
+    def __call__(self, items, total=None, description=""):
+        record = {"description": description, "total": total, "items": 0}
+        self.passes.append(record)
+        for item in items:
+            record["items"] += 1
+            yield item
+
+
+def _digits_ctx(tmp_path, monkeypatch):
+    """A real Context over the built-in digits stream (5 experiences x 2 classes)."""
+    from clbench.config import load_config
+    from clbench.engine import Engine
+
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, ["strategy=ewc", "train.iterations=1", "logging.console=false", f"output_dir={tmp_path}"])
+    return Engine(cfg)
+
+
+def test_ewc_fisher_and_feature_passes_report_progress(tmp_path, monkeypatch):
+    from clbench.strategy import experience_features
+
+    engine = _digits_ctx(tmp_path, monkeypatch)
+    ctx, exp = engine.ctx, engine.stream[0]
+    recorder = Recorder()
+    ctx.progress = recorder
+    engine.strategy.cfg.fisher_batch_size = 64
+    engine.strategy.after_experience(exp, ctx)
+    n = exp.train_idx.numel()
+    assert recorder.passes == [{"description": "EWC Fisher (sample)", "total": -(-n // 64), "items": -(-n // 64)}]
+    assert engine.strategy.reg.active and all(f.grad_fn is None for f in engine.strategy.reg.importance.values())
+    feats, labels = experience_features(engine.model, exp, ctx, 100)
+    assert recorder.passes[-1] == {"description": "features", "total": -(-n // 100), "items": -(-n // 100)}
+    assert feats.shape[0] == labels.shape[0] == n
+
+
+def test_key_fitting_reports_progress_and_keeps_its_result():
+    from clbench.strategies.kv_bottleneck import KeyValueBottleneck
+
+    z = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    keys = []
+    recorder = Recorder()
+    for progress in (None, recorder):
+        kv = KeyValueBottleneck(8, 2, 16, 3, 4, torch.Generator().manual_seed(1))
+        args = (z, 3, 64, 0.9, 1e-5, 0.1, torch.Generator().manual_seed(2))
+        kv.fit_keys(*args) if progress is None else kv.fit_keys(*args, progress=progress)
+        keys.append(kv.keys.clone())
+    assert recorder.passes == [{"description": "key fitting", "total": 3 * 5, "items": 3 * 5}]
+    torch.testing.assert_close(keys[0], keys[1], rtol=0, atol=0)  # same random draws, same keys
+
+
+def test_console_pass_progress_plain_and_bar():
+    import io
+
+    from rich.console import Console
+
+    from clbench.logging.console import PassProgress
+
+    out = io.StringIO()
+    plain = PassProgress(console=Console(file=out, force_terminal=False, width=200), plain_interval=0.0)
+    assert plain.interactive is False
+    assert list(plain(range(3), total=3, description="EWC Fisher")) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["  EWC Fisher 1/3", "  EWC Fisher 2/3", "  EWC Fisher 3/3"]
+    assert lines[3].startswith("  EWC Fisher done: 3/3 in ")
+    bar = PassProgress(console=Console(file=io.StringIO(), force_terminal=True, force_interactive=True, width=100))
+    assert bar.interactive is True
+    assert list(bar(iter("abc"), total=3, description="features")) == ["a", "b", "c"]

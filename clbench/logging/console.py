@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 from clbench.logging.base import RunLogger
 from clbench.logging.serialize import as_scalar
@@ -12,6 +12,12 @@ from clbench.logging.summary import GAP_COLUMNS, MISSING, gap_rows, metric_rows
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+T = TypeVar("T")
+
+#: The running progress display of the active :class:`ConsoleLogger` (at most one): long passes
+#: reported through :class:`PassProgress` add their bar to it rather than start a second display.
+_LIVE: list[Any] = []
 
 #: (metric name, label) of the live metrics shown next to the progress, in display order.
 LIVE_METRICS: tuple[tuple[str, str], ...] = (("train/loss", "loss"), ("eval/acc/avg", "acc"), ("eval/min_acc", "min-acc"))
@@ -66,6 +72,7 @@ class ConsoleLogger(RunLogger):
                 refresh_per_second=4,
             )
             self._progress.start()
+            _LIVE.append(self._progress)
             self._experience_bar = self._progress.add_task("experiences", total=self._n_experiences)
             self._iteration_bar = self._progress.add_task("", total=None)
 
@@ -140,6 +147,8 @@ class ConsoleLogger(RunLogger):
     def _stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+            if self._progress in _LIVE:
+                _LIVE.remove(self._progress)
             self._progress = None
 
     def _print(self, line: str) -> None:
@@ -155,6 +164,62 @@ class ConsoleLogger(RunLogger):
         live = self._live_text()
         name = f"experience {self._experience + 1}/{self._n_experiences}"
         return f"{name}  {live}" if live else name
+
+
+class PassProgress:
+    """``Context.progress`` on the console (see :mod:`clbench.strategy`): reports a long pass
+    (``items`` of known ``total``) while yielding ``items`` unchanged.
+
+    On an interactive terminal with ``progress``: a transient bar, added to the running
+    :class:`ConsoleLogger`'s display (or a display of its own before the run starts, e.g. in
+    ``setup``), removed when the pass ends.  Otherwise plain lines: ``description k/total`` at
+    most once per ``plain_interval`` seconds, and one ``done`` line for a pass that took longer.
+    """
+
+    def __init__(self, progress: bool = True, console: Console | None = None, plain_interval: float = 10.0):
+        from rich.console import Console
+
+        self.console = console if console is not None else Console()
+        self.interactive = progress and self.console.is_interactive
+        self.plain_interval = plain_interval
+
+    def __call__(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        if self.interactive:
+            return self._bar(items, total, description)
+        return self._plain(items, total, description)
+
+    def _bar(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        own = None if _LIVE else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+        display = _LIVE[-1] if own is None else own
+        if own is not None:
+            own.start()
+        task = display.add_task(f"  {description}", total=total)
+        try:
+            for item in items:
+                yield item
+                display.advance(task)
+        finally:
+            display.remove_task(task)
+            if own is not None:
+                own.stop()
+
+    def _plain(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        start = last = time.monotonic()
+        done = 0
+        of = f"/{total}" if total is not None else ""
+        for item in items:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - last >= self.plain_interval:
+                last = now
+                self.console.print(f"  {description} {done}{of}", markup=False, highlight=False, soft_wrap=True)
+        if last > start:
+            self.console.print(f"  {description} done: {done}{of} in {time.monotonic() - start:.1f}s",
+                               markup=False, highlight=False, soft_wrap=True)
 
 
 def _fmt3(value: Any) -> str:
