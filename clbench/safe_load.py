@@ -4,7 +4,8 @@
   unpickler that builds only dicts, lists, tuples, str, bytes, numbers and numpy arrays;
   any other global (``os.system``, ``builtins.eval``, a class, ...) is refused.
 * :func:`torch_load` reads a torch file with ``weights_only=True`` (tensors and plain
-  containers only) and :func:`load_safetensors` a ``.safetensors`` file.
+  containers only) and :func:`load_safetensors` a ``.safetensors`` file;
+  :func:`weights_only_loads` forces ``weights_only=True`` on third-party loads (timm's hub).
 
 Every failure is one :class:`~clbench.registry.ClbenchError` line naming the file and the
 problem (refused global, truncated or corrupt file), never torch's advice to set
@@ -14,18 +15,21 @@ problem (refused global, truncated or corrupt file), never torch's advice to set
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from clbench.registry import ClbenchError
 
-__all__ = ["load_data_pickle", "torch_load", "load_safetensors", "tensor_state_dict"]
+__all__ = ["load_data_pickle", "torch_load", "load_problem", "weights_only_loads", "load_safetensors",
+           "tensor_state_dict"]
 
 
 # ----------------------------------------------------------------------------- restricted unpickler
@@ -88,6 +92,7 @@ def load_data_pickle(data: bytes, where: str | Path, encoding: str = "bytes") ->
 
 # ----------------------------------------------------------------------------- torch files
 _REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_REFUSED_LIST = re.compile(r"Unsupported globals: (.+?)\.(?:\s|$)")
 _WEIGHTS_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", re.S)
 
 
@@ -96,30 +101,52 @@ def _first_sentence(text: str) -> str:
     return text.split(". ", 1)[0].rstrip(".") or "empty error"
 
 
+def load_problem(err: BaseException) -> str:
+    """What went wrong in a ``torch.load``, in a few words: the refused global, truncation or
+    corruption (never torch's advice to retry with ``weights_only=False``)."""
+    message = str(err)
+    refused = _REFUSED.search(message) or _REFUSED_LIST.search(message)  # torch's wording, or timm's re-raise
+    if refused:
+        return (f"refused: it asks for the Python global '{refused.group(1)}', which could run code "
+                "(only tensors and plain containers are read, weights_only=True)")
+    if isinstance(err, pickle.UnpicklingError):
+        if "Weights only load failed" in message:
+            detail = _WEIGHTS_ERROR.search(message)
+            return f"refused by the weights-only reader ({detail.group(1) if detail else 'unsupported content'})"
+        return f"not a readable torch file ({_first_sentence(message)})"
+    if isinstance(err, EOFError):
+        return "truncated (the file ends early)"
+    if isinstance(err, (RuntimeError, zipfile.BadZipFile)):
+        return f"corrupt or truncated ({_first_sentence(err)})"
+    if isinstance(err, OSError):
+        return f"cannot be read ({err.strerror or err})"
+    return f"not a torch file ({type(err).__name__}: {_first_sentence(err)})"  # KeyError, ValueError, ...
+
+
 def torch_load(path: str | Path, what: str = "file") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; any failure is a one-line ClbenchError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        refused = _REFUSED.search(message)
-        if refused:
-            problem = (f"refused: it asks for the Python global '{refused.group(1)}', which could run code "
-                       "(only tensors and plain containers are read, weights_only=True)")
-        elif "Weights only load failed" in message:
-            detail = _WEIGHTS_ERROR.search(message)
-            problem = f"refused by the weights-only reader ({detail.group(1) if detail else 'unsupported content'})"
-        else:
-            problem = f"not a readable torch file ({_first_sentence(message)})"
-    except EOFError:
-        problem = "truncated (the file ends early)"
-    except (RuntimeError, zipfile.BadZipFile) as err:
-        problem = f"corrupt or truncated ({_first_sentence(err)})"
-    except OSError as err:
-        problem = f"cannot be read ({err.strerror or err})"
-    except Exception as err:  # e.g. KeyError / ValueError from a file that is not a torch file at all
-        problem = f"not a torch file ({type(err).__name__}: {_first_sentence(err)})"
-    raise ClbenchError(f"{what} {path}: {problem}")
+    except Exception as err:
+        raise ClbenchError(f"{what} {path}: {load_problem(err)}") from None
+
+
+_FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block every ``torch.load`` (also inside third-party code, e.g. timm's hub
+    download) runs with ``weights_only=True``, whatever its caller passes."""
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE, _FORCE_NO)}
+    os.environ[_FORCE] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def load_safetensors(path: str | Path, what: str = "file") -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ file) and damaged or tampered dataset caches are covered too.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
 import warnings
@@ -22,9 +23,9 @@ from clbench.data import datasets as D
 from clbench.data.cache import cached_dataset
 from clbench.data.types import ImageDataset, ImageSplit
 from clbench.models.cifar_resnet import CifarResNetConfig, cifar_resnet
-from clbench.models.pretrained import load_state_dict_file
+from clbench.models.pretrained import TimmConfig, create_timm_backbone, load_state_dict_file
 from clbench.registry import ClbenchError
-from clbench.safe_load import load_data_pickle, torch_load
+from clbench.safe_load import load_data_pickle, torch_load, weights_only_loads
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -187,6 +188,29 @@ def test_fetril_initial_model_refuses_code(tmp_path):
     assert_one_line(err, path)
     source = (Path(__file__).resolve().parents[1] / "strategies" / "fetril.py").read_text()
     assert "torch_load(cfg.initial_model" in source and "torch.load(" not in source
+
+
+def test_timm_hub_weights_refuse_code(tmp_path):
+    """timm's own loading (here of a pretrained_cfg file, as for a hub download) runs no code either."""
+    target = tmp_path / "pwned"
+    path = state_file(tmp_path / "hub.pth", {"x": Touch(target)})
+    cfg = TimmConfig(arch="resnet10t", pretrained=True, kwargs={"pretrained_cfg_overlay": {"file": str(path)}})
+    with pytest.raises(ClbenchError, match="could not fetch timm's pretrained weights .*refused") as err:
+        create_timm_backbone(cfg)
+    assert not target.exists()
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def test_weights_only_loads_overrides_the_caller(tmp_path, monkeypatch):
+    """Third-party code asking torch.load for weights_only=False still gets weights_only=True."""
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "pwned"
+    path = state_file(tmp_path / "evil.pt", {"x": Touch(target)})
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=False)
+    assert not target.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def truncated(path: Path, keep: int) -> Path:

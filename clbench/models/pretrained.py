@@ -29,7 +29,7 @@ from torch import nn
 
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
-from clbench.safe_load import load_safetensors, tensor_state_dict, torch_load
+from clbench.safe_load import load_problem, load_safetensors, tensor_state_dict, torch_load, weights_only_loads
 from clbench.validation import choice, path
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
@@ -91,12 +91,14 @@ def create_timm_backbone(cfg: TimmConfig) -> nn.Module:
                            "(e.g. shared/data/weights/vit-tiny-tinyimagenet100/vit_tiny_p8_64_tin100.safetensors), "
                            "or ask for a random init with model.pretrained=false")
     try:
-        model = timm.create_model(arch, pretrained=hub, num_classes=0, **kwargs)
+        with weights_only_loads():  # timm's own weight loading runs no code either
+            model = timm.create_model(arch, pretrained=hub, num_classes=0, **kwargs)
     except Exception as e:
         if not hub:
             raise
+        detail = load_problem(e) if "weights_only" in str(e) else " ".join(str(e).split())
         raise ClbenchError(
-            f"could not fetch timm's pretrained weights for '{cfg.arch}' ({type(e).__name__}: {e}). "
+            f"could not fetch timm's pretrained weights for '{cfg.arch}' ({type(e).__name__}: {detail}). "
             "Give a local file with model.checkpoint=PATH, or train from a random init with model.pretrained=false"
         ) from e
     if cfg.checkpoint is not None:
