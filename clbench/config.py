@@ -66,9 +66,11 @@ class EvalConfig:
     channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
     compile: str = choice("none", *COMPILE_MODES)  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
     overlap: bool = False  # offline loop: evaluate a weight snapshot on a side CUDA stream while training goes on
-    windows: List[int] = bounded(default_factory=lambda: [10, 100], ge=1)  # WF^w / WP^w window sizes
-    recovery_tol: float = bounded(0.05, ge=0, le=1)  # stability gap: recovered when acc >= pre-boundary acc - tol
+    windows: List[int] = bounded(default_factory=lambda: [10, 100], ge=1)  # WF^w / WP^w window lengths, in training iterations
+    recovery_tol: float = bounded(0.05, ge=0, le=1)  # stability gap: a gap when the window's min < pre-boundary acc - tol; recovered when acc >= pre - tol
     baseline: bool = True  # evaluate the untrained model on every task (FWT's baseline)
+    wf_tasks: str = choice("previous", "previous", "seen")  # WF^w averaged over previous tasks (i < k) | seen (i <= k, as the authors' code logs it)
+    gap_window: int = bounded(100, ge=1)  # stability gap: iterations after a boundary in which the dip is looked for
     every_samples: int = bounded(1000, ge=0)  # online: evaluate every N training samples on the exposed classes (0: task ends only)
 
 

@@ -51,8 +51,10 @@ class Evaluator:
         self.ctx = ctx
         self.cfg = cfg
         stream = ctx.stream
-        self.matrix = AccuracyMatrix(len(stream))
-        self.tracker = ContinualTracker(windows=tuple(cfg.windows), recovery_tol=cfg.recovery_tol)
+        self.matrix = AccuracyMatrix(len(stream), fwt_undefined=fwt_undefined(stream.protocol, online))
+        self.tracker = ContinualTracker(windows=tuple(cfg.windows), recovery_tol=cfg.recovery_tol,
+                                        wf_tasks=cfg.wf_tasks, gap_window=cfg.gap_window,
+                                        period=None if online else cfg.every)
         self.task_given = stream.protocol == "task"
         self.batch_size = cfg.batch_size or (256 if ctx.device.type == "cpu" else 2048)
         self.precision = resolve_precision(cfg.precision, ctx.device)
@@ -359,6 +361,21 @@ class _Pending:
 OVERLAP_DEPTH = 2  # snapshots in flight with eval.overlap (evaluation t runs while t+1 trains)
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def fwt_undefined(protocol: str, online: bool = False) -> str | None:
+    """Why forward transfer (Lopez-Paz & Ranzato 2017) cannot be measured under ``protocol``,
+    or None where it can.  FWT compares R[i-1][i], the accuracy on task i before training on
+    it, with b_i, the untrained model's; in class-IL (and under the online protocol's
+    exposed-class masking) the logits of task i's classes are masked until it is trained, so
+    both are 0 and FWT would be 0.0 whatever the strategy."""
+    if online:
+        return ("online protocol: logits of classes not yet exposed are masked, so the accuracy on a "
+                "task before it is trained measures the masking, not transfer")
+    if protocol == "class":
+        return ("class-IL: logits of classes not yet seen are masked, so R[i-1][i] = b_i = 0 for every "
+                "task and FWT would be 0 by construction")
+    return None
 
 
 def check_compile_mode(key: str, mode: str) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "forward_transfer",
     "AccuracyMatrix",
     "ContinualTracker",
+    "WF_TASKS",
     "last_forgetting",
     "OnlineTracker",
 ]
@@ -165,6 +166,8 @@ def forward_transfer(R: Matrix, baseline: Sequence[float | None] | None) -> floa
     initialised model on task i, and T-1 the last filled row of ``R``.
     ``None`` if T == 1, the baseline is missing, or any required entry
     (R[i-1][i] or b_i) is missing -- e.g. when unseen tasks are not evaluated.
+    In class-IL the logits of unseen classes are masked, so R[i-1][i] = b_i = 0 and
+    FWT is 0 by construction: :class:`AccuracyMatrix` then reports it undefined.
     """
     last = _last_row(R)
     if last is None or last == 0 or baseline is None:
@@ -186,12 +189,15 @@ class AccuracyMatrix:
     experience j (``None`` where not evaluated).
     """
 
-    def __init__(self, n_tasks: int) -> None:
+    def __init__(self, n_tasks: int, fwt_undefined: str | None = None) -> None:
+        """``fwt_undefined``: why FWT cannot be measured in this setting (e.g. class-IL, where
+        unseen classes are masked); FWT is then ``None`` with this reason as ``fwt_note``."""
         if n_tasks < 1:
             raise ValueError("n_tasks must be >= 1")
         self.n_tasks = n_tasks
         self.matrix: list[list[float | None]] = [[None] * n_tasks for _ in range(n_tasks)]
         self.baseline: list[float | None] | None = None
+        self.fwt_undefined = fwt_undefined
 
     def _row(self, accs: Sequence[float | None]) -> list[float | None]:
         if len(accs) != self.n_tasks:
@@ -208,10 +214,13 @@ class AccuracyMatrix:
             raise IndexError(f"experience {experience} out of range [0, {self.n_tasks})")
         self.matrix[experience] = self._row(accs)
 
-    def summary(self) -> dict[str, float | list | None]:
-        """``acc``, ``avg_inc_acc``, ``forgetting``, ``forgetting_per_task``, ``bwt``, ``fwt``, ``matrix``.
+    def summary(self) -> dict[str, float | list | str | None]:
+        """``acc``, ``avg_inc_acc``, ``forgetting``, ``forgetting_per_task``, ``bwt``, ``fwt``,
+        ``fwt_note``, ``baseline_acc`` and ``matrix``.
 
-        Computed up to the last filled row; values are ``None`` where undefined.
+        Computed up to the last filled row; values are ``None`` where undefined.  ``fwt_note``
+        says why FWT is ``None`` when it cannot be measured (no baseline, or the setting given
+        to the constructor); ``baseline_acc`` (the b_i) and ``matrix`` recompute FWT by hand.
         """
         last = _last_row(self.matrix)
         acc = avg_inc = None
@@ -222,13 +231,20 @@ class AccuracyMatrix:
                 acc = None
             avg_inc = average_incremental_accuracy(self.matrix)
         forg, forg_per_task = forgetting(self.matrix)
+        fwt, fwt_note = None, self.fwt_undefined
+        if fwt_note is None and self.baseline is None:
+            fwt_note = "no baseline: the untrained model was not evaluated (eval.baseline=false)"
+        elif fwt_note is None:
+            fwt = forward_transfer(self.matrix, self.baseline)
         return {
             "acc": acc,
             "avg_inc_acc": avg_inc,
             "forgetting": forg,
             "forgetting_per_task": forg_per_task,
             "bwt": backward_transfer(self.matrix),
-            "fwt": forward_transfer(self.matrix, self.baseline),
+            "fwt": fwt,
+            "fwt_note": fwt_note,
+            "baseline_acc": None if self.baseline is None else list(self.baseline),
             "matrix": [list(row) for row in self.matrix],
         }
 
@@ -238,12 +254,14 @@ class AccuracyMatrix:
             "n_tasks": self.n_tasks,
             "matrix": [list(row) for row in self.matrix],
             "baseline": None if self.baseline is None else list(self.baseline),
+            "fwt_undefined": self.fwt_undefined,
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.n_tasks = int(d["n_tasks"])
         self.matrix = [list(row) for row in d["matrix"]]
         self.baseline = None if d.get("baseline") is None else list(d["baseline"])
+        self.fwt_undefined = d.get("fwt_undefined", self.fwt_undefined)
 
 
 # ---------------------------------------------------------------------------
@@ -252,11 +270,11 @@ class AccuracyMatrix:
 
 
 class _Curve:
-    """Running statistics of one accuracy curve around one experience boundary.
+    """Running statistics of one accuracy curve around one experience boundary b.
 
-    ``pre`` is the last value at or before the boundary; ``min``/``min_iter``
-    the (first) minimum during the experience; ``rec_iter`` the first
-    iteration after that minimum whose value is >= pre - tol.
+    ``pre`` is the last value at or before b; ``min``/``min_iter`` the (first) minimum
+    within the gap window b < n <= b + window; ``rec_iter`` the first iteration after
+    that minimum (within the experience) whose value is >= pre - tol.
     """
 
     __slots__ = ("pre", "min", "min_iter", "rec_iter")
@@ -267,21 +285,26 @@ class _Curve:
         self.min_iter: int | None = None
         self.rec_iter: int | None = None
 
-    def observe(self, iteration: int, acc: float, tol: float) -> None:
-        if self.min is None or acc < self.min:
+    def observe(self, iteration: int, acc: float, tol: float, in_window: bool) -> None:
+        if in_window and (self.min is None or acc < self.min):
             self.min, self.min_iter, self.rec_iter = acc, iteration, None
-        elif self.rec_iter is None and self.pre is not None and acc >= self.pre - tol - _EPS:
+        elif (self.rec_iter is None and self.min is not None and self.pre is not None
+              and acc >= self.pre - tol - _EPS):
             self.rec_iter = iteration
 
-    def report(self, boundary: int) -> dict[str, Any]:
-        has_min = self.min is not None
-        has_both = has_min and self.pre is not None
+    def report(self, boundary: int, tol: float) -> dict[str, Any]:
+        """Gap statistics; a gap exists iff ``pre - min > tol`` (see
+        :meth:`ContinualTracker.stability_gaps`)."""
+        drop = self.pre - self.min if (self.pre is not None and self.min is not None) else None
+        has_gap = None if drop is None else drop > tol + _EPS
         return {
             "pre_acc": self.pre,
             "min_acc": self.min,
-            "gap": self.pre - self.min if has_both else None,
-            "iters_to_min": self.min_iter - boundary if has_min else None,
-            "recovery_iters": self.rec_iter - boundary if (has_both and self.rec_iter is not None) else None,
+            "drop": drop,
+            "has_gap": has_gap,
+            "gap": drop if has_gap else None,
+            "iters_to_min": self.min_iter - boundary if has_gap else None,
+            "recovery_iters": self.rec_iter - boundary if (has_gap and self.rec_iter is not None) else None,
         }
 
     def to_list(self) -> list:
@@ -319,6 +342,9 @@ class _Boundary:
         return b
 
 
+WF_TASKS = ("previous", "seen")
+
+
 class ContinualTracker:
     """Incremental continual-evaluation metrics (De Lange et al., ICLR 2023).
 
@@ -330,29 +356,54 @@ class ContinualTracker:
 
     * **min-ACC_{T_k}** = (1/k) * sum_{i<k} min_{|T_i| < n <= t} A(i, n)
       -- mean over previous tasks of the running minimum since the end of their
-      training.
+      training (paper Eq. 3).
     * **WC-ACC_t** = (1/(k+1)) * A(k, t) + (1 - 1/(k+1)) * min-ACC_{T_k}
-      (worst-case accuracy; = A(0, t) when k = 0).
-    * **WF^w_i** (windowed forgetting) = max over the run of
-      max_{m < n, n - m < w} A(i, m) - A(i, n), where m, n index consecutive
-      evaluations of task i, counted from its first evaluation (including those
-      during its own training); ``wf{w}`` is the mean over previous tasks.
-    * **WP^w_i** (windowed plasticity) = the same with A(i, n) - A(i, m);
-      ``wp{w}`` is the mean over all seen tasks.
+      (worst-case accuracy, Eq. 4; = A(0, t) when k = 0).
+    * **WF^w_i** (windowed forgetting, Eq. 5) = max over the run of
+      max_{m < n, n - m < w} A(i, m) - A(i, n), where m, n are *iterations* at which
+      task i was evaluated (from its first evaluation, including those during its
+      own training): ``w`` is a number of training iterations, not of evaluations.
+      With evaluation period p only pairs of evaluated iterations count, so a
+      window needs p < w; windows with w <= p (or p = 0) are not computed (None).
+      At p = 1 this is the authors' code (``Mattdl/ContinualEvaluation``,
+      ``WindowedForgettingPluginMetric``), whose window holds the last w evaluations.
+    * **WP^w_i** (windowed plasticity) = the same with A(i, n) - A(i, m).
+    * ``wf{w}`` averages WF^w_i over the previous tasks i < k with
+      ``wf_tasks="previous"`` (default), or over every evaluated task i <= k, the
+      one in training included, with ``wf_tasks="seen"`` -- what the authors' code
+      logs (``TaskAveragingPluginMetric`` over all tracked tasks), for comparison
+      with published values.  ``wp{w}`` averages WP^w_i over all seen tasks i <= k
+      (as the authors' code does).
 
-    WF/WP start at 0 (a single evaluation has no pair).  Each update costs
-    O(#seen tasks * max(w)); memory is O(#tasks * (max(w) + #boundaries)).
+    WF/WP of a task start at 0 (a single evaluation has no pair), as in the
+    authors' code.  Each update costs O(#seen tasks * max(w) / p); memory is
+    O(#tasks * (max(w) / p + #boundaries)).
     """
 
-    def __init__(self, windows: tuple[int, ...] = (10, 100), recovery_tol: float = 0.0) -> None:
+    def __init__(self, windows: tuple[int, ...] = (10, 100), recovery_tol: float = 0.0,
+                 wf_tasks: str = "previous", gap_window: int = 100, period: int | None = None) -> None:
+        """``windows``: WF/WP window lengths in iterations; ``recovery_tol``: the stability
+        gap's tolerance; ``wf_tasks``: ``previous`` | ``seen`` (see the class docstring);
+        ``gap_window``: iterations after a boundary in which a stability gap is looked for;
+        ``period``: the evaluation period in iterations (None: unknown or irregular, every
+        window is computed)."""
         if any(w < 1 for w in windows):
             raise ValueError("window sizes must be >= 1")
+        if wf_tasks not in WF_TASKS:
+            raise ValueError(f"wf_tasks must be one of {', '.join(WF_TASKS)}, got {wf_tasks!r}")
+        if gap_window < 1:
+            raise ValueError("gap_window must be >= 1")
         self.windows = tuple(int(w) for w in windows)
         self.recovery_tol = float(recovery_tol)
+        self.wf_tasks = wf_tasks
+        self.gap_window = int(gap_window)
+        self.period = None if period is None else int(period)
+        # windows that can hold two periodic evaluations
+        self.active = tuple(w for w in self.windows if self.period is None or 0 < self.period < w)
         self._exp = 0  # current experience k
         self._end_iter: dict[int, int] = {}  # task i -> |T_i| (last iteration of its experience)
         self._min: dict[int, float] = {}  # running min of previous tasks
-        self._win: dict[int, dict[int, deque[float]]] = {w: {} for w in self.windows}
+        self._hist: dict[int, deque[tuple[int, float]]] = {}  # task -> (iteration, acc) within max(w)
         self._wf: dict[int, dict[int, float]] = {w: {} for w in self.windows}
         self._wp: dict[int, dict[int, float]] = {w: {} for w in self.windows}
         self._last: dict[int, tuple[int, float]] = {}  # task -> (iteration, acc) of its last evaluation
@@ -391,21 +442,21 @@ class ContinualTracker:
         """
         accs = {int(i): float(a) for i, a in accs.items()}
         k = self._exp
+        longest = max(self.active, default=0)
         for i, a in accs.items():
             self._last[i] = (iteration, a)
             # min-ACC: only evaluations strictly after the end of task i's training.
             if i < k and i in self._end_iter and iteration > self._end_iter[i]:
                 self._min[i] = min(self._min.get(i, a), a)
-            # WF^w / WP^w: candidates against the last w-1 evaluations of task i.
-            for w in self.windows:
-                window = self._win[w].setdefault(i, deque(maxlen=w - 1))
-                if window:
-                    self._wf[w][i] = max(self._wf[w].get(i, 0.0), max(window) - a)
-                    self._wp[w][i] = max(self._wp[w].get(i, 0.0), a - min(window))
-                else:
-                    self._wf[w].setdefault(i, 0.0)
-                    self._wp[w].setdefault(i, 0.0)
-                window.append(a)
+            # WF^w / WP^w: pairs (m, n = iteration) of evaluations of task i with n - m < w.
+            hist = self._hist.setdefault(i, deque())
+            while hist and iteration - hist[0][0] >= longest:
+                hist.popleft()
+            for w in self.active:
+                inside = [b for m, b in hist if iteration - m < w]
+                self._wf[w][i] = max(self._wf[w].get(i, 0.0), max(inside, default=a) - a)
+                self._wp[w][i] = max(self._wp[w].get(i, 0.0), a - min(inside, default=a))
+            hist.append((iteration, a))
         if all(i in accs for i in range(k + 1)):
             self._last_full = (iteration, {i: accs[i] for i in range(k + 1)})
         self._update_boundaries(iteration, accs)
@@ -429,11 +480,12 @@ class ContinualTracker:
             nxt = self._boundaries[idx + 1].iteration if idx + 1 < n else None
             if nxt is not None and iteration > nxt:
                 continue  # belongs to a later experience
+            in_window = iteration - b.iteration <= self.gap_window
             if mean is not None:
-                b.mean.observe(iteration, mean, self.recovery_tol)
+                b.mean.observe(iteration, mean, self.recovery_tol, in_window)
             for i, curve in b.tasks.items():
                 if i in accs:
-                    curve.observe(iteration, accs[i], self.recovery_tol)
+                    curve.observe(iteration, accs[i], self.recovery_tol, in_window)
 
     def _compute(self, accs: dict[int, float]) -> dict[str, float]:
         k = self._exp
@@ -447,8 +499,9 @@ class ContinualTracker:
                 out["wc_acc"] = accs[0]
             elif min_acc is not None:
                 out["wc_acc"] = accs[k] / (k + 1) + (1 - 1 / (k + 1)) * min_acc
-        for w in self.windows:
-            wf = _mean([v for i, v in self._wf[w].items() if i < k])
+        last_wf = k if self.wf_tasks == "seen" else k - 1
+        for w in self.active:
+            wf = _mean([v for i, v in self._wf[w].items() if i <= last_wf])
             wp = _mean([v for i, v in self._wp[w].items() if i <= k])
             if wf is not None:
                 out[f"wf{w}"] = wf
@@ -459,24 +512,33 @@ class ContinualTracker:
     # -- reports -------------------------------------------------------------
 
     def stability_gaps(self) -> list[dict[str, Any]]:
-        """One stability-gap record per experience boundary k >= 1.
+        """One stability-gap record per experience boundary k >= 1 (b = |T_{k-1}|).
 
-        Keys: ``experience``, ``iteration`` (the boundary |T_{k-1}|),
-        ``pre_acc`` (last evaluation at or before the boundary), ``min_acc``
-        (minimum during experience k), ``gap`` = pre_acc - min_acc,
-        ``iters_to_min`` (iteration of the first minimum - boundary),
-        ``recovery_iters`` (first evaluation after the minimum with
-        acc >= pre_acc - recovery_tol, minus the boundary; ``None`` if it does
+        **Definition.**  With pre = the last evaluation at or before b and
+        min = the minimum over the evaluations in the gap window b < n <= b + ``gap_window``
+        (iterations), boundary k *has a gap* iff ``pre - min > recovery_tol``: the
+        accuracy drops out of the band [pre - tol, ...] soon after the new task starts
+        (the stability gap of De Lange et al. 2023, Fig. 1).  A rise (min >= pre), a
+        drop within the tolerance, or a slow drift that leaves the band only after the
+        window has no gap: ``has_gap`` False, ``gap``, ``iters_to_min`` and
+        ``recovery_iters`` None.
+
+        Keys: ``experience``, ``iteration`` (b), ``pre_acc``, ``min_acc`` (the window's
+        minimum), ``drop`` = pre_acc - min_acc (signed, always given when both are
+        known), ``has_gap`` (None when pre_acc or the window's minimum is unknown),
+        ``gap`` (= drop when there is a gap), ``iters_to_min`` (iteration of the first
+        minimum - b), ``recovery_iters`` (first evaluation after the minimum, within
+        experience k, with acc >= pre_acc - recovery_tol, minus b; None if it does
         not recover within experience k) and ``per_task`` ({i: same keys}).
         Top-level values use the mean accuracy over previous tasks i < k
-        (evaluations covering all of them only).  Missing evaluations give
-        ``None`` values; the experience in progress is reported so far.
+        (evaluations covering all of them only).  The experience in progress is
+        reported so far.
         """
         out = []
         for b in self._boundaries:
             rec = {"experience": b.experience, "iteration": b.iteration}
-            rec.update(b.mean.report(b.iteration))
-            rec["per_task"] = {i: c.report(b.iteration) for i, c in b.tasks.items()}
+            rec.update(b.mean.report(b.iteration, self.recovery_tol))
+            rec["per_task"] = {i: c.report(b.iteration, self.recovery_tol) for i, c in b.tasks.items()}
             out.append(rec)
         return out
 
@@ -485,17 +547,23 @@ class ContinualTracker:
         return dict(self._min)
 
     def summary(self) -> dict[str, Any]:
-        """Final ``min_acc``, ``wc_acc``, ``wf{w}``, ``wp{w}`` (None if undefined),
-        ``per_task_min``, ``stability_gaps`` and ``mean_gap`` (mean of the
-        defined top-level gaps, None if none)."""
+        """Final ``min_acc``, ``wc_acc``, ``wf{w}``, ``wp{w}`` (None if undefined, or if the
+        window is not longer than the evaluation period), ``window_unit``
+        (``"iterations"``), ``wf_tasks``, ``gap_window``, ``per_task_min``,
+        ``stability_gaps``, ``n_gaps`` (boundaries with a gap) and ``mean_gap`` (mean of
+        the top-level gaps of those boundaries, None if none)."""
         out: dict[str, Any] = {"min_acc": self._metrics.get("min_acc"), "wc_acc": self._metrics.get("wc_acc")}
         for w in self.windows:
             out[f"wf{w}"] = self._metrics.get(f"wf{w}")
             out[f"wp{w}"] = self._metrics.get(f"wp{w}")
+        out["window_unit"] = "iterations"
+        out["wf_tasks"] = self.wf_tasks
+        out["gap_window"] = self.gap_window
         gaps = self.stability_gaps()
         out["per_task_min"] = self.per_task_min()
         out["stability_gaps"] = gaps
-        out["mean_gap"] = _mean([g["gap"] for g in gaps if g["gap"] is not None])
+        out["n_gaps"] = sum(1 for g in gaps if g["has_gap"])
+        out["mean_gap"] = _mean([g["gap"] for g in gaps if g["has_gap"]])
         return out
 
     # -- checkpointing ---------------------------------------------------------
@@ -509,10 +577,13 @@ class ContinualTracker:
         return {
             "windows": list(self.windows),
             "recovery_tol": self.recovery_tol,
+            "wf_tasks": self.wf_tasks,
+            "gap_window": self.gap_window,
+            "period": self.period,
             "experience": self._exp,
             "end_iter": pairs(self._end_iter),
             "min": pairs(self._min),
-            "win": [[w, [[i, list(q)] for i, q in self._win[w].items()]] for w in self.windows],
+            "hist": [[i, [list(e) for e in q]] for i, q in self._hist.items()],
             "wf": [[w, pairs(self._wf[w])] for w in self.windows],
             "wp": [[w, pairs(self._wp[w])] for w in self.windows],
             "last": [[i, list(v)] for i, v in self._last.items()],
@@ -525,12 +596,13 @@ class ContinualTracker:
         def unpairs(p: list, cast=float) -> dict:
             return {int(k): cast(v) for k, v in p}
 
-        self.__init__(tuple(d["windows"]), d["recovery_tol"])
+        self.__init__(tuple(d["windows"]), d["recovery_tol"], d.get("wf_tasks", "previous"),
+                      d.get("gap_window", 100), d.get("period"))
         self._exp = int(d["experience"])
         self._end_iter = unpairs(d["end_iter"], int)
         self._min = unpairs(d["min"])
-        for w, items in d["win"]:
-            self._win[int(w)] = {int(i): deque(q, maxlen=int(w) - 1) for i, q in items}
+        # (checkpoints written before windows were in iterations have no "hist": windows restart)
+        self._hist = {int(i): deque((int(m), float(a)) for m, a in q) for i, q in d.get("hist", [])}
         for w, p in d["wf"]:
             self._wf[int(w)] = unpairs(p)
         for w, p in d["wp"]:

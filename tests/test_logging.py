@@ -356,7 +356,7 @@ def test_console_plain_lines_and_final_table(tmp_path: Path, capsys: pytest.Capt
         "  iteration 10/20 (step 10) | loss 0.100",  # then throttled: one status line per interval
         "experience 0 (1/2) done in Xs | avg acc 0.700 | per task 0.800 0.600",
         "experience 1 (2/2): 2 classes [2, 3], 20 iterations",
-        "  iteration 10/20 (step 30) | loss 0.033 | acc 0.500 | min-acc 0.250",
+        "  iteration 10/20 (step 30) | loss 0.033",  # nothing left over from experience 0's evaluations
         "experience 1 (2/2) done in Xs | avg acc 0.700 | per task 0.800 0.600",
     ]
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
@@ -374,6 +374,34 @@ def test_console_plain_lines_and_final_table(tmp_path: Path, capsys: pytest.Capt
     assert any(line.startswith("Results") for line in lines) and any(line.startswith("Stability gaps") for line in lines)
     assert any("iters to min" in line for line in lines)
     assert lines[-1] == f"run directory: {tmp_path}"
+
+
+def test_console_live_values_are_fresh_and_old_tasks_averaged_apart(tmp_path: Path) -> None:
+    """At a new experience the status shows no loss of the previous one, and the accuracy
+    is split into the task in training (acc(new)) and the mean over the earlier ones (acc(old))."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    logger = ConsoleLogger(progress=False, plain_interval=0.0, console=Console(file=buf, width=200))
+    logger.on_run_start(run_info(tmp_path))
+    logger.on_experience_start(0, 3, 4, [0, 1])
+    logger.log_metrics({"train/loss": 0.25}, 4, "train")
+    logger.log_metrics({"eval/acc/task_0": 0.9, "eval/acc/avg": 0.9}, 4, "eval")
+    logger.on_experience_start(1, 3, 4, [2, 3])
+    # experience 1, first iteration: evaluated before its first loss record
+    logger.log_metrics({"eval/acc/task_0": 0.7, "eval/acc/task_1": 0.1, "eval/acc/avg": 0.4}, 5, "eval")
+    logger.log_metrics({"train/loss": 2.5}, 5, "train")
+    logger.on_experience_start(2, 3, 4, [4, 5])
+    logger.log_metrics({"eval/acc/task_0": 0.6, "eval/acc/task_1": 0.8, "eval/acc/task_2": 0.0,
+                        "eval/acc/avg": 0.4666, "eval/min_acc": 0.55}, 9, "eval")
+    status = [line for line in buf.getvalue().splitlines() if line.startswith("  iteration")]
+    assert status == [
+        "  iteration 0/4 (step 4) | loss 0.250",
+        "  iteration 0/4 (step 4) | loss 0.250 | acc(new) 0.900",
+        "  iteration 0/4 (step 5) | acc(new) 0.100 | acc(old) 0.700",  # not loss 0.250, not acc 0.400
+        "  iteration 0/4 (step 5) | loss 2.500 | acc(new) 0.100 | acc(old) 0.700",
+        "  iteration 0/4 (step 9) | acc(new) 0.000 | acc(old) 0.700 | min-acc 0.550",  # (0.6 + 0.8) / 2
+    ]
 
 
 def test_console_progress_false_prints_lines_even_on_a_terminal(tmp_path: Path) -> None:

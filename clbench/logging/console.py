@@ -20,7 +20,11 @@ T = TypeVar("T")
 _LIVE: list[Any] = []
 
 #: (metric name, label) of the live metrics shown next to the progress, in display order.
-LIVE_METRICS: tuple[tuple[str, str], ...] = (("train/loss", "loss"), ("eval/acc/avg", "acc"), ("eval/min_acc", "min-acc"))
+#: ``acc(new)`` is the accuracy on the task being learned, ``acc(old)`` the mean over the
+#: previously learned tasks (both from ``eval/acc/task_<i>``, see ``ConsoleLogger._live_values``).
+LIVE_METRICS: tuple[tuple[str, str], ...] = (
+    ("train/loss", "loss"), ("acc(new)", "acc(new)"), ("acc(old)", "acc(old)"), ("eval/min_acc", "min-acc"))
+_TASK_ACC = "eval/acc/task_"
 
 
 class ConsoleLogger(RunLogger):
@@ -78,6 +82,7 @@ class ConsoleLogger(RunLogger):
 
     def on_experience_start(self, experience: int, n_experiences: int, n_iterations: int, classes: list[int]) -> None:
         self._experience, self._n_experiences, self._n_iterations = experience, n_experiences, n_iterations
+        self._live.clear()  # no loss or accuracy of the previous experience next to the new one's progress
         self._experience_iteration = 0
         self._experience_t0 = time.monotonic()
         self._last_status = -math.inf
@@ -95,10 +100,7 @@ class ConsoleLogger(RunLogger):
     def log_metrics(self, metrics: dict[str, float | int], step: int, kind: str) -> None:
         if kind not in ("train", "eval"):
             return
-        for name, _ in LIVE_METRICS:
-            value = as_scalar(metrics.get(name))
-            if value is not None:
-                self._live[name] = value
+        self._live.update(self._live_values(metrics))
         if self._progress is not None:
             self._progress.update(self._iteration_bar, description=self._description())
         elif time.monotonic() - self._last_status >= self.plain_interval:
@@ -156,6 +158,20 @@ class ConsoleLogger(RunLogger):
 
     def _experience_name(self) -> str:
         return f"experience {self._experience} ({self._experience + 1}/{self._n_experiences})"
+
+    def _live_values(self, metrics: dict[str, float | int]) -> dict[str, float]:
+        """The live metrics in one record: ``train/loss``, ``eval/min_acc`` as they are, and from
+        the per-task accuracies ``acc(new)`` (the current experience's task) and ``acc(old)``
+        (mean over the earlier experiences' tasks; the untrained future ones never count)."""
+        out = {name: value for name in ("train/loss", "eval/min_acc") if (value := as_scalar(metrics.get(name))) is not None}
+        tasks = {int(k[len(_TASK_ACC):]): as_scalar(v) for k, v in metrics.items()
+                 if k.startswith(_TASK_ACC) and k[len(_TASK_ACC):].isdigit()}
+        if tasks.get(self._experience) is not None:
+            out["acc(new)"] = tasks[self._experience]
+        old = [v for i, v in tasks.items() if i < self._experience and v is not None]
+        if old:
+            out["acc(old)"] = sum(old) / len(old)
+        return out
 
     def _live_text(self) -> str:
         return " | ".join(f"{label} {self._live[name]:.3f}" for name, label in LIVE_METRICS if name in self._live)

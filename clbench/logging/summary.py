@@ -8,6 +8,7 @@ from typing import Any
 from clbench.logging.serialize import as_scalar
 
 MISSING = "–"
+NO_GAP = "none"  # a boundary without a stability gap (clbench.metrics.ContinualTracker.stability_gaps)
 
 #: (label, summary key) of the headline metrics, in display order.
 METRIC_ROWS: tuple[tuple[str, str], ...] = (
@@ -48,8 +49,15 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def gap_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """One formatted row per stability gap (empty when the summary has none)."""
-    return [[format_value(gap.get(key)) for _, key in GAP_COLUMNS] for gap in summary.get("stability_gaps") or []]
+    """One formatted row per boundary (empty when the summary has none); a boundary without a
+    gap (``has_gap`` False) shows ``none`` as its gap and no time to the minimum or recovery."""
+    rows = []
+    for gap in summary.get("stability_gaps") or []:
+        row = [format_value(gap.get(key)) for _, key in GAP_COLUMNS]
+        if gap.get("has_gap") is False:
+            row[[key for _, key in GAP_COLUMNS].index("gap")] = NO_GAP
+        rows.append(row)
+    return rows
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
