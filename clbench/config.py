@@ -122,6 +122,8 @@ def check_output_dir(output_dir: str) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """The resolved, validated run config from an optional YAML file and ``key=value`` overrides."""
     file_cfg = _load_yaml(path) if path else OmegaConf.create({})
+    if path:
+        _paths_relative_to(file_cfg, Path(path).absolute().parent)
     cli_cfg = _parse_overrides(overrides or [])
     for section in TYPED_SECTIONS:
         for source in (file_cfg, cli_cfg):
@@ -141,6 +143,43 @@ def validate_config(cfg: DictConfig) -> None:
     ``validate()`` hooks (:mod:`clbench.validation`); a :class:`ClbenchError` names the first bad key."""
     run_config = OmegaConf.to_object(cfg)
     validate(run_config)
+
+
+def _paths_relative_to(file_cfg: DictConfig, base_dir: Path) -> None:
+    """Make the relative paths a YAML file sets (``plugins`` and the fields declared with
+    :func:`clbench.validation.path`, e.g. ``scenario.data_root``, ``model.checkpoint``) relative to
+    its folder ``base_dir``, so that a run started from any working directory finds them.  For
+    configs written before this rule, a path that exists only relative to the working directory
+    keeps that meaning."""
+    def fix(value: Any) -> Any:
+        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+            return value
+        candidate = base_dir / value
+        return os.path.normpath(candidate) if candidate.exists() or not Path(value).exists() else value
+
+    def fix_keys(node: Any, keys: list[str]) -> None:
+        for key in keys:
+            if not isinstance(node, DictConfig) or key not in node:
+                continue
+            try:
+                value = node[key]  # resolves ${oc.env:...}
+            except OmegaConfBaseException:
+                continue  # refers to keys of the merged config: left as written
+            if isinstance(value, str):
+                node[key] = fix(value)
+            elif value is not None and OmegaConf.is_list(value):
+                node[key] = [fix(v) for v in value]
+
+    fix_keys(file_cfg, path_fields(RunConfig))
+    if OmegaConf.is_list(file_cfg.get("plugins")):
+        file_cfg.plugins = [fix(p) if str(p).endswith(".py") else p for p in file_cfg.plugins]
+    for section, (registry, _) in TYPED_SECTIONS.items():
+        part = file_cfg.get(section)
+        name = part if isinstance(part, str) else part.get("name") if isinstance(part, DictConfig) else None
+        if isinstance(part, DictConfig) and name is not None and str(name) in registry:
+            config = registry.get(str(name)).config
+            if config is not None:
+                fix_keys(part, path_fields(config))
 
 
 def typed_section(section: str, registry: Registry, default: str, file_part: Any, cli_part: Any) -> DictConfig:
@@ -168,7 +207,8 @@ def _same_schema(registry: Registry, other: str, config: type) -> bool:
 
 def load_plugins(plugins: list[str], base_dir: Path | None = None) -> list[str]:
     """Import user plug-ins so their ``@register_*`` decorators run: a ``.py`` file path
-    (relative to the working directory, or else to the config file's folder) or a module name.
+    (relative to the working directory, or else to ``base_dir``; ``load_config`` has already made
+    a YAML file's relative plug-in paths relative to its folder) or a module name.
     Returns the plug-ins with file paths made absolute (what the run directory records)."""
     import importlib
     import importlib.util

@@ -223,7 +223,7 @@ def _search_bases(root: str | None, subfolders: tuple[str, ...]) -> list[Path]:
 
 
 def _not_found(dataset: str, searched: list[Path], layout: str, subfolder: str | None = None) -> ClbenchError:
-    hint = "Pass root=<folder holding these files>"
+    hint = "Set scenario.data_root=<folder holding these files>"
     if subfolder is not None:
         hint += f" or set {DATA_ROOT_ENV} to a folder whose '{subfolder}' subfolder holds them"
     paths = "\n".join(f"  {p}" for p in dict.fromkeys(searched))
