@@ -72,8 +72,10 @@ class Evaluator:
         self._pending: list[_Pending] = []
         self.online: dict[int, float] = {}
         xs, ys, exps = [], [], []
+        self.subset_sizes: list[int] = []
         for exp in stream:
             idx = exp.eval_subset(cfg.subset_size, ctx.seed)
+            self.subset_sizes.append(int(idx.numel()))  # effective: at most the task's test set
             x = stream.test.x[idx.to(stream.test.x.device)]
             x = exp.transform(x) if exp.transform is not None else x
             xs.append(x.to(ctx.device))
@@ -316,9 +318,10 @@ class Evaluator:
             return {**self.matrix.summary(), **self._tracker_summary_by_experience(),
                     **self.online_metrics.summary(), "eval_period": self.cfg.every_samples,
                     "eval_period_unit": "samples", "eval_subset_size": self.cfg.subset_size,
+                    "eval_subset_sizes": self.subset_sizes,
                     "eval_tasks": list(self.eval_tasks)}
         return {**self.matrix.summary(), **self.tracker.summary(), "eval_period": self.cfg.every,
-                "eval_subset_size": self.cfg.subset_size}
+                "eval_subset_size": self.cfg.subset_size, "eval_subset_sizes": self.subset_sizes}
 
     def _tracker_summary_by_experience(self) -> dict[str, Any]:
         """The tracker's summary with its task numbers mapped back to experience indices."""
