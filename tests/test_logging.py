@@ -369,6 +369,7 @@ def test_console_plain_lines_and_final_table(tmp_path: Path, capsys: pytest.Capt
         ["min-ACC", "0.3000"],
         ["WC-ACC", "0.5000"],
         ["WF10", "–"],
+        ["WF100", "–"],
         ["1", "0.8000", "0.3000", "0.5000", "3", "–"],  # experience, pre-acc, min, gap, iters to min, recovery
     ]
     assert any(line.startswith("Results") for line in lines) and any(line.startswith("Stability gaps") for line in lines)

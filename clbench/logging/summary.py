@@ -19,7 +19,8 @@ METRIC_ROWS: tuple[tuple[str, str], ...] = (
     ("FWT", "fwt"),
     ("min-ACC", "min_acc"),
     ("WC-ACC", "wc_acc"),
-    ("WF10", "wf10"),
+    ("WF10", "wf10"),  # windows in training iterations; None when eval.every >= 10
+    ("WF100", "wf100"),
 )
 
 #: (column header, key) of the ``summary["stability_gaps"]`` entries.
