@@ -356,10 +356,10 @@ class ContinualTracker:
 
     * **min-ACC_{T_k}** = (1/k) * sum_{i<k} min_{|T_i| < n <= t} A(i, n)
       -- mean over previous tasks of the running minimum since the end of their
-      training (paper Eq. 3).
+      training.
     * **WC-ACC_t** = (1/(k+1)) * A(k, t) + (1 - 1/(k+1)) * min-ACC_{T_k}
-      (worst-case accuracy, Eq. 4; = A(0, t) when k = 0).
-    * **WF^w_i** (windowed forgetting, Eq. 5) = max over the run of
+      (worst-case accuracy; = A(0, t) when k = 0).
+    * **WF^w_i** (windowed forgetting) = max over the run of
       max_{m < n, n - m < w} A(i, m) - A(i, n), where m, n are *iterations* at which
       task i was evaluated (from its first evaluation, including those during its
       own training): ``w`` is a number of training iterations, not of evaluations.
@@ -518,7 +518,7 @@ class ContinualTracker:
         min = the minimum over the evaluations in the gap window b < n <= b + ``gap_window``
         (iterations), boundary k *has a gap* iff ``pre - min > recovery_tol``: the
         accuracy drops out of the band [pre - tol, ...] soon after the new task starts
-        (the stability gap of De Lange et al. 2023, Fig. 1).  A rise (min >= pre), a
+        (the stability gap of De Lange et al. 2023).  A rise (min >= pre), a
         drop within the tolerance, or a slow drift that leaves the band only after the
         window has no gap: ``has_gap`` False, ``gap``, ``iters_to_min`` and
         ``recovery_iters`` None.
