@@ -216,7 +216,8 @@ class Evaluator:
         return self.collect(wait_for=len(self._pending))
 
     def baseline(self) -> list[float]:
-        """Accuracies of the untrained model (FWT's baseline b_i)."""
+        """Accuracies of the untrained model (FWT's baseline b_i), kept with the accuracy matrix
+        (checkpoints) and written to ``summary.json`` as ``baseline_acc``."""
         accs = self.full_accuracies()
         self.matrix.set_baseline(accs)
         return accs
