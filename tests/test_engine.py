@@ -28,22 +28,6 @@ def make_cfg(tmp_path: Path, *overrides: str, name: str = "run"):
     return load_config(None, [f"output_dir={tmp_path}", f"name={name}", *FAST, *overrides])
 
 
-CRASH = {"at": None}
-
-
-@dataclass
-class CrashingReplayConfig(ReplayConfig):
-    name: str = "crashing_replay"
-
-
-@register_strategy("crashing_replay", config=CrashingReplayConfig, description="test: replay that dies at CRASH['at']")
-class CrashingReplay(Replay):
-    def after_step(self, batch, ctx):
-        super().after_step(batch, ctx)
-        if CRASH["at"] is not None and ctx.iteration == CRASH["at"]:
-            raise KeyboardInterrupt
-
-
 @dataclass
 class NaNConfig(ReplayConfig):
     name: str = "nan_at_5"
@@ -89,21 +73,7 @@ def test_same_seed_same_numbers_different_seed_different_order(tmp_path):
     assert order("a") == order("b") != order("c")
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    overrides = ["strategy=crashing_replay", "checkpoint.every=7", "train.augment=flip"]
-    CRASH["at"] = None
-    full = run(make_cfg(tmp_path, *overrides, name="full"))
-    CRASH["at"] = 40  # dies mid-experience, after the checkpoint at iteration 35
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(tmp_path, *overrides, name="killed"))
-    killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert killed["status"] == "interrupted" and killed["iterations"] == 40
-    CRASH["at"] = None
-    resumed = run(resume=tmp_path / "killed")
-    for key in ("matrix", "min_acc", "wc_acc", "wf10", "stability_gaps", "forgetting", "bwt", "fwt"):
-        assert resumed[key] == full[key], key
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "full"))
+# Resume (kills at several points, SIGTERM, locks, config changes, damaged checkpoints): tests/test_resume.py
 
 
 def test_non_finite_loss_stops_with_where_and_keeps_the_records(tmp_path):
