@@ -36,6 +36,7 @@ def outputs(tmp_path_factory):
                                     "--check-order", "--eval-overlap"]  # the overlapped evaluator vs Avalanche's
     commands["si_blurry_mvp"] = [sys.executable, str(REPO / "benchmarks" / "si_blurry_mvp.py"), "--quick",
                                 "--datasets", "cifar10"]  # the upsampled-input row; one dataset keeps this file fast
+    commands["fisher_cost"] = [sys.executable, str(REPO / "benchmarks" / "fisher_cost.py"), "--quick"]
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, cmd in commands.items()}
     results = {}
@@ -112,3 +113,11 @@ def test_si_blurry_mvp_quick(outputs):
                 assert 0.0 <= row[m]["mean"] <= 1.0, (m, row[m])
             assert [s["seed"] for s in row["per_seed"]] == r["seeds"] == [1]
         assert isinstance(r["mvp_above_l2p_and_dualprompt_on_a_auc"], bool)
+
+
+def test_fisher_cost_quick(outputs):
+    r = _result(outputs, "fisher_cost")
+    assert r["benchmark"] == "fisher_cost" and r["workload"]["quick"] is True
+    assert r["workload"]["samples"] > 0 and r["workload"]["regularised_params"] > 0
+    assert _positive(r["epoch_s"]) and _positive(r["fisher_s"]) and _positive(r["ratio"])
+    assert r["fisher_has_grad_fn"] is False
