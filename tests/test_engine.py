@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from clbench.config import load_config
-from clbench.engine import NonFiniteLossError, run
+from clbench.engine import Engine, NonFiniteLossError, run
 from clbench.logging import read_metrics
 from clbench.registry import register_strategy
 from clbench.strategies.replay import Replay, ReplayConfig
+from clbench.strategy import Strategy, StrategyConfig
 
 FAST = ["logging.console=false", "logging.tensorboard=false", "train.epochs=2", "eval.every=3"]
 
@@ -95,9 +96,119 @@ def test_joint_trains_on_all_data_seen(tmp_path):
     assert per_exp == sorted(per_exp) and per_exp[-1] > 3 * per_exp[0]
 
 
-def test_domain_incremental_transforms_reach_training_and_evaluation(tmp_path):
-    summary = run(make_cfg(tmp_path, "scenario=domain_incremental", "scenario.n_tasks=3", "strategy=finetune"))
-    assert len(summary["matrix"]) == 3 and summary["fwt"] is not None
+PROBE: dict = {"train": [], "eval": []}
+
+
+@dataclass
+class TransformProbeConfig(StrategyConfig):
+    name: str = "transform_probe"
+    joint: bool = False
+
+
+@register_strategy("transform_probe", config=TransformProbeConfig,
+                   description="test: fine-tuning (or joint) that records its training batches and evaluation inputs")
+class TransformProbe(Strategy):
+    def training_experiences(self, exp, ctx):
+        return list(ctx.stream.experiences[: exp.index + 1]) if self.cfg.joint else [exp]
+
+    def prepare_batch(self, batch, ctx):
+        PROBE["train"].append((ctx.experience, batch.x.clone(), batch.y.clone(), batch.task.clone()))
+        return super().prepare_batch(batch, ctx)
+
+    def predict(self, x, task_id=None):
+        PROBE["eval"][-1]["x"].append(x.detach().clone())  # preprocessed inputs of the current evaluation
+        return super().predict(x, task_id)
+
+
+def _record_evaluations(monkeypatch):
+    """Mark each evaluation pass (periodic subsets, online subsets, full test sets) so the probe's
+    ``predict`` inputs can be grouped by pass."""
+    from clbench.evaluation import Evaluator
+
+    def marking(method, phase):
+        original = getattr(Evaluator, method)
+
+        def wrapper(self, *args, **kwargs):
+            n_seen = args[0] if phase == "subsets" else args[1] if phase == "online" else None
+            PROBE["eval"].append({"phase": phase, "n_seen": n_seen, "x": []})
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(Evaluator, method, wrapper)
+
+    marking("_subset_accuracies", "subsets")
+    marking("online_periodic", "online")
+    marking("full_accuracies", "full")
+    marking("_full_pass", "full")
+    PROBE["train"].clear()
+    PROBE["eval"].clear()
+
+
+def _check_probe(engine, subset_size: int, joint: bool) -> None:
+    """Every input the probe saw is ``transform(raw)`` of its experience: training rows (with
+    their labels), the seeded evaluation subsets, and the full test sets, row for row."""
+    stream, ctx = engine.stream, engine.ctx
+    exps = list(stream.experiences)
+    assert all(e.transform is not None for e in exps)
+    train_rows = []  # per experience: transformed image bytes -> label
+    for e in exps:
+        xs = e.transform(stream.train.x[e.train_idx])
+        train_rows.append({bytes(x.numpy()): int(y) for x, y in zip(xs, stream.train.y[e.train_idx])})
+    raw = {bytes(x.numpy()) for x in stream.train.x}
+    assert not raw & set(train_rows[1])  # no permuted image is a raw one: membership tells them apart
+    domains = set()
+    for k, x, y, task in PROBE["train"]:
+        for row, label, t in zip(x, y.tolist(), task.tolist()):
+            assert t <= k if joint else t == k
+            found = train_rows[t].get(bytes(row.numpy()))  # None: not transform_t(raw) of any image
+            assert found == label, f"experience {k}: a training row of domain {t} is not its transform of a raw image"
+            domains.add((k, t))
+    expected_domains = {(k, t) for k in range(len(exps)) for t in range(len(exps)) if (t <= k if joint else t == k)}
+    assert domains == expected_domains  # joint: every batch mixes the domains seen so far
+
+    def inputs(e, idx):
+        return ctx.inputs(e.transform(stream.test.x[idx]).to(ctx.device))
+
+    subsets = [inputs(e, e.eval_subset(subset_size, ctx.seed)) for e in exps]
+    full = torch.cat([inputs(e, e.test_idx) for e in exps])
+    assert subset_size <= 0 or all(s.shape[0] == subset_size < e.test_idx.numel() for s, e in zip(subsets, exps))
+    phases = {"subsets": 0, "online": 0, "full": 0}
+    for record in PROBE["eval"]:
+        if not record["x"]:
+            continue  # _full_pass's caller's marker: the inner pass holds the inputs
+        seen = torch.cat(record["x"])
+        expected = full if record["phase"] == "full" else torch.cat(subsets[: record["n_seen"]])
+        torch.testing.assert_close(seen, expected, rtol=0, atol=1e-6)
+        phases[record["phase"]] += 1
+    return phases
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["finetune", "joint"])
+def test_domain_incremental_transforms_reach_training_and_evaluation(tmp_path, monkeypatch, joint):
+    """Permuted digits: the probe's training batches, periodic evaluation subsets and full test
+    sets are exactly each experience's permutation of the raw images (finetune: its own domain;
+    joint: batches mixing the domains seen so far)."""
+    _record_evaluations(monkeypatch)
+    cfg = make_cfg(tmp_path, "scenario=domain_incremental", "scenario.n_tasks=3", "strategy=transform_probe",
+                   f"strategy.joint={str(joint).lower()}", "train.epochs=0", "train.iterations=6",
+                   "eval.subset_size=50")
+    engine = Engine(cfg)
+    assert engine.run()["status"] == "finished"
+    phases = _check_probe(engine, 50, joint)
+    assert phases["subsets"] >= 6 and phases["full"] >= 3
+
+
+def test_domain_incremental_transforms_reach_online_evaluation(tmp_path, monkeypatch):
+    """The online protocol's subsets (weighted by full/subset size for A_auc) are the permuted
+    images too, as are its training batches and task-end full test passes."""
+    _record_evaluations(monkeypatch)
+    cfg = make_cfg(tmp_path, "scenario=domain_incremental", "scenario.n_tasks=2", "strategy=transform_probe",
+                   "train.online=true", "train.epochs=0", "eval.every_samples=400", "eval.subset_size=50")
+    engine = Engine(cfg)
+    summary = engine.run()
+    assert summary["status"] == "finished"
+    phases = _check_probe(engine, 50, joint=False)
+    assert phases["online"] >= 6 and phases["full"] >= 2
+    n_full = [e.test_idx.numel() for e in engine.stream.experiences]
+    torch.testing.assert_close(engine.evaluator.weight, torch.tensor([n / 50 for n in n_full]).repeat_interleave(50))
 
 
 PLUGIN = textwrap.dedent('''
@@ -153,5 +264,11 @@ def test_strategy_plugin_from_an_entry_point_runs_from_the_cli(tmp_path):
 
 def test_example_lwf_plugin_from_readme_runs(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "lwf.py"
-    summary = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf"))
-    assert summary["status"] == "finished" and math.isfinite(summary["acc"])
+    lwf = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf", "scenario=task_incremental"))
+    finetune = run(make_cfg(tmp_path, "strategy=finetune", "scenario=task_incremental", name="ft"))
+    # no teacher during the first experience: exactly fine-tuning; then the distillation term
+    # changes training (a no-op loss would leave every row equal), and it still learns each
+    # 2-way task (chance: 0.5)
+    assert lwf["matrix"][0] == finetune["matrix"][0]
+    assert lwf["matrix"][1:] != finetune["matrix"][1:]
+    assert lwf["acc"] > 0.9
