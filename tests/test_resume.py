@@ -162,7 +162,7 @@ def test_death_mid_experience_mid_loss_window_then_resume_equals_uninterrupted(t
 
 
 # ------------------------------------------------------------------ online and test-time adaptation
-ONLINE = [*QUIET, "strategy=killable_replay", "checkpoint.enabled=true", "checkpoint.every=20", "logging.log_every=4",
+ONLINE = [*QUIET, "strategy=killable_replay", "checkpoint.enabled=true", "checkpoint.every=20", "logging.log_every=5",
           "eval.every_samples=200"]
 
 
