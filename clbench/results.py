@@ -323,9 +323,10 @@ def aggregate(df: "pd.DataFrame", group_by: Sequence[str] | None = None,  # noqa
     numeric = {c: pd.to_numeric(done[c], errors="coerce") for c in metrics + extra}
     keys = done[group_by].map(_key_str) if group_by else pd.DataFrame(index=done.index)
     out_rows = []
-    groups = keys.groupby(group_by, sort=True, dropna=False).groups if group_by else {(): done.index}
-    for key, idx in groups.items():
-        key = key if isinstance(key, tuple) else (key,)
+    groups: dict[tuple, list] = {}
+    for i, key in zip(done.index, keys.itertuples(index=False, name=None)):
+        groups.setdefault(tuple(key), []).append(i)
+    for key, idx in sorted(groups.items()):
         row: dict[str, Any] = dict(zip(group_by, key))
         row["n"] = len(idx)
         for c in metrics + extra:
@@ -394,7 +395,7 @@ def render(df: "pd.DataFrame", table: "pd.DataFrame", metrics: Sequence[str], fm
                           indent=1)
     if fmt == "csv":
         return table.to_csv(index=False)
-    if fmt not in ("md", "latex"):
+    if fmt not in ("md", "latex", "html"):
         raise ClbenchError(f"unknown format {fmt!r}; choose md, csv, latex or json")
     latex = fmt == "latex"
     pm = r"$\pm$" if latex else "±"
@@ -415,6 +416,18 @@ def render(df: "pd.DataFrame", table: "pd.DataFrame", metrics: Sequence[str], fm
         cells.append(_params(r["trainable_params_mean"]))
         body.append(cells)
     notes = _excluded_lines(df)
+    if fmt == "html":
+        import html
+
+        def cell(c: str) -> str:
+            bold = c.startswith("**")
+            return f"<td><b>{html.escape(c.strip('*'))}</b></td>" if bold else f"<td>{html.escape(c)}</td>"
+        rows = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in body)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        return (f'<table class="compare"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+                "<p>mean ± std (ddof=1) over the finished runs of each group; best mean per column in bold.</p>"
+                + (f"<p>Not averaged ({len(notes)} run(s) not finished):</p><ul>{items}</ul>" if notes else ""))
     if latex:
         def esc(c: str) -> str:
             return c if c.startswith(r"\textbf") or "$" in c else _latex_escape(c)
