@@ -118,14 +118,46 @@ def test_real_resnet20_weights_classify_cifar10():
 
 
 # --------------------------------------------------------------------------- corruptions
+def test_frost_blends_crops_of_the_shipped_frost_photographs():
+    """imagecorruptions is a dependency, so frost always runs: every output image is
+    ``uint8(0.75 * x + 0.45 * crop)`` (severity 5 of Hendrycks & Dietterich's make_cifar_c.py:
+    c = [(1, .2), (1, .3), (.9, .4), (.85, .4), (.75, .45)]) for some 32x32 crop of one of the five
+    photographs in the installed package's frost/ folder, downscaled as the original's
+    ``cv2.resize(fx=0.2, fy=0.2)`` (bilinear, half-pixel centres: torch's interpolate here),
+    found here by brute force."""
+    import importlib.util
+
+    from PIL import Image
+    from torch.nn import functional as F
+
+    package_dir = Path(importlib.util.find_spec("imagecorruptions").origin).parent / "frost"
+    assert package_dir in C.frost_dirs()
+    files = sorted(package_dir.glob("frost[1-5].*"))
+    assert len(files) == 5
+    photos = []
+    for f in files:
+        with Image.open(f) as im:
+            rgb = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].double()
+        small = F.interpolate(rgb, scale_factor=0.2, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        photos.append(small[0].permute(1, 2, 0).numpy())
+    x = torch.full((6, 3, 32, 32), 100, dtype=torch.uint8)
+    out = C.corrupt(x, "frost", 5, seed=3).permute(0, 2, 3, 1).numpy().astype(np.float64)
+    assert len({o.tobytes() for o in out}) == 6  # different crops per image
+    for img in out:
+        crop = (img - 0.75 * 100) / 0.45  # truncation: the photo's pixels lie in [crop, crop + 1/0.45)
+        matches = 0
+        for photo in photos:
+            h, w = photo.shape[0] - 31, photo.shape[1] - 31
+            corner = photo[:h, :w] - crop[0, 0]  # candidates from the top-left pixel, then full check
+            for top, left in zip(*np.nonzero(((corner >= -1e-9) & (corner < 1 / 0.45)).all(-1))):
+                d = photo[top:top + 32, left:left + 32] - crop
+                matches += bool(((d >= -1e-9) & (d < 1 / 0.45)).all())
+        assert matches >= 1
+
+
 def test_corruptions_shape_dtype_determinism():
     x = _images(3)
-    for name in C.CORRUPTIONS:
-        if name == "frost":
-            try:
-                C.frost_images()
-            except ClbenchError:
-                continue
+    for name in C.CORRUPTIONS:  # frost included: its photographs ship inside imagecorruptions (a dependency)
         out = C.corrupt(x, name, 5, seed=1)
         assert out.dtype == torch.uint8 and out.shape == x.shape, name
         assert torch.equal(out, C.corrupt(x, name, 5, seed=1)), name
