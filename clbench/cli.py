@@ -8,6 +8,8 @@ Examples::
     clbench run --resume runs/<run-dir>                # continue a killed run
     clbench list                                       # strategies, scenarios, datasets, models
     clbench sweep configs/split_mnist.yaml strategy=finetune,replay seed=0,1,2   # a grid on Ray
+    clbench compare runs/<sweep> --format latex          # mean ± std over seeds per strategy
+    clbench report runs/<sweep> -o report/                 # HTML page + PNG/PDF figures
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_mod.add_arguments(sub.add_parser("sweep", help="a grid of runs on Ray or SLURM (key=v1,v2 ...)",
                                            description="Run the cartesian product of the comma lists (e.g. strategy=finetune,ewc seed=0,1,2)."))
+    from clbench import report as report_mod, results as results_mod
+
+    results_mod.add_arguments(sub.add_parser("compare", help="table of summary metrics over seeds (md, csv, latex, json)",
+                                             description="Mean ± std over seeds per group of runs; failed/incomplete runs listed, never averaged."))
+    report_mod.add_arguments(sub.add_parser("report", help="HTML page and PNG/PDF figures of runs or sweeps",
+                                            description="Write a self-contained HTML report with the figures of runs and sweeps."))
     args, extra = parser.parse_known_args(argv)
     if args.command in ("run", "sweep"):  # key=value after an option (`run CFG --print-config seed=1`)
         args.args += [e for e in extra if not e.startswith("-")]
@@ -47,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             return _list()
         if args.command == "sweep":
             return sweep_mod.main(args)
+        if args.command == "compare":
+            return results_mod.main(args)
+        if args.command == "report":
+            return report_mod.main(args)
         return _run(args)
     except ClbenchError as err:
         print(f"clbench: error: {err}", file=sys.stderr)
