@@ -122,8 +122,7 @@ def test_in_progress_and_killed_runs(tmp_path):
     run_dir = write_run(tmp_path / "live", config("replay", 0), None, recs, tail='{"step": 16, "kind": "ev')
     out = tmp_path / "rep"
     report.build([str(run_dir)], out)
-    assert sidecar(out, "live_accuracy_matrix")["matrix"] == [[0.9, None, None]] or \
-        sidecar(out, "live_accuracy_matrix")["matrix"][0][0] == 0.9
+    assert sidecar(out, "live_accuracy_matrix")["matrix"] == [[0.9]]  # rebuilt from the experience records so far
     tasks = sidecar(out, "live_task_accuracy")
     assert tasks["series"]["task_1"]["x"] == [12, 14] and tasks["gaps"] == []
     # a directory with only config.yaml (killed before the first record) still gets a section
