@@ -113,13 +113,14 @@ def test_empty_tasks_dropped_classes_and_the_codes_clipped_pool():
     assert any(clipped)  # the released code's pool is short for some seeds
 
 
-def test_generator_is_vectorised():
-    import time
-
-    y = synthetic_labels(100, 500)  # CIFAR-100's 50,000 training labels
-    t0 = time.perf_counter()
-    assign(y)
-    assert time.perf_counter() - t0 < 2.0
+def test_generator_at_cifar100_scale():
+    """CIFAR-100's 50,000 training labels: every sample once, tasks in order, exactly M% of the
+    blurry-class samples pooled (a wall-clock limit would say nothing on a loaded machine)."""
+    y = synthetic_labels(100, 500)
+    a, n_d, n_b = assign(y)
+    assert torch.equal(a.order.sort().values, torch.arange(y.numel()))
+    assert torch.all(a.task[1:] >= a.task[:-1])
+    assert a.n_blurry_samples == 500 * n_b and a.n_pooled == round(0.1 * 500 * n_b)
 
 
 # ------------------------------------------------------------------ the scenario on digits
@@ -215,10 +216,8 @@ def test_online_run_on_digits_metrics_present_and_sane(tmp_path):
     # evaluations: after the batch reaching each multiple of 200 samples, and at the stream's end
     assert len(summary["online_samples"]) == math.ceil(n / 200) and summary["online_samples"][-1] == n
     assert all(s // 200 == i + 1 for i, s in enumerate(summary["online_samples"][:-1]))
-    for key in ("a_auc", "a_last", "a_avg", "f_last"):
-        assert summary[key] is not None and -1 <= summary[key] <= 1, key
-    assert 0 <= summary["a_auc"] <= 1 and summary["a_auc"] == pytest.approx(sum(summary["online_acc"]) / 8)
-    assert summary["a_last"] == summary["task_end_acc"][-1] > 0.5  # replay on digits learns
+    assert all(summary[key] is not None for key in ("a_auc", "a_last", "a_avg", "f_last"))
+    assert summary["a_last"] == summary["task_end_acc"][-1] > 0.5  # replay on digits learns (chance 0.1)
     assert summary["a_avg"] == pytest.approx(sum(summary["task_end_acc"]) / 5)
     # the core evaluator's metrics on the same run (empty-test-set tasks left out, mapped back)
     assert summary["eval_tasks"] == [e.index for e in stream if e.test_idx.numel()]
@@ -247,18 +246,24 @@ def test_unexposed_logits_are_masked_in_training_and_evaluation(tmp_path):
     # class (labels come in exposure order); unmasked it would be class 9, unexposed early on
     stream = si_blurry(SiBlurryConfig(), seed=0)
     labels = stream.train.y[torch.cat([e.train_idx for e in stream])]
+    expected_accs = []
     for samples, acc in zip(summary["online_samples"], summary["online_acc"]):
         top = int(labels[:samples].max())
         test_y = stream.test.y
         expected = (test_y == top).sum().item() / (test_y <= top).sum().item()
         assert acc == pytest.approx(expected)
+        expected_accs.append(expected)
     assert summary["online_acc"][0] > 0 and int(labels[:48].max()) < 9
+    # A_auc (Koh et al. 2022): the mean of those hand-computed accuracies; A_last: every class
+    # exposed at the end, the prediction is always class 9
+    assert summary["a_auc"] == pytest.approx(sum(expected_accs) / len(expected_accs))
+    assert summary["a_last"] == pytest.approx((stream.test.y == 9).float().mean().item())
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "ewc"])
 def test_other_strategies_run_online(tmp_path, strategy):
     summary = run(online_cfg(tmp_path, f"strategy={strategy}", "eval.every_samples=400", "train.online_iter=1"))
-    assert summary["status"] == "finished" and 0 <= summary["a_auc"] <= 1 and summary["a_last"] > 0.2
+    assert summary["status"] == "finished" and summary["a_last"] > 0.2  # learns: chance is 0.1
 
 
 def test_online_resume_matches_uninterrupted_run(tmp_path):
