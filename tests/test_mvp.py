@@ -267,7 +267,7 @@ def test_online_si_blurry_run_backbone_frozen_prompts_masks_head_trained(tmp_pat
     prompt = {k: v.clone() for k, v in eng.model.prompt.state_dict().items()}
     head = eng.model.head.weight.detach().clone()
     summary = eng.run()
-    assert summary["status"] == "finished" and 0 <= summary["a_auc"] <= 1
+    assert summary["status"] == "finished"
     after = eng.model.backbone.state_dict()
     assert all(torch.equal(after[k], v) for k, v in backbone.items())  # bit-identical
     changed = {k for k, v in eng.model.prompt.state_dict().items() if not torch.equal(v, prompt[k])}
@@ -275,5 +275,6 @@ def test_online_si_blurry_run_backbone_frozen_prompts_masks_head_trained(tmp_pat
     assert not torch.equal(head, eng.model.head.weight)
     n = eng.ctx.samples_seen
     assert n == sum(exp.train_idx.numel() for exp in eng.stream) > 1000
+    assert len(summary["online_samples"]) == -(-n // 500) and summary["online_samples"][-1] == n  # every 500 + the end
     assert eng.strategy.prompt.count.sum().item() == 2 * n  # every training step counts its selections
     assert (eng.strategy.prompt.count > 0).sum() >= 2  # usage scaling spreads the selections
