@@ -13,7 +13,7 @@ import pytest
 from clbench.config import load_config
 from clbench.engine import run
 from clbench.registry import DATASETS, register_dataset
-from conftest import needs_mnist, small_mnist
+from conftest import REPO_ROOT, needs_mnist, small_mnist
 
 pytestmark = needs_mnist
 
@@ -32,7 +32,7 @@ def split_mnist(tmp_path_factory):
 
     def result(name: str, *overrides: str) -> dict:
         if name not in results:
-            cfg = load_config("configs/split_mnist.yaml", [*COMMON, f"output_dir={out}", f"name={name}", *overrides])
+            cfg = load_config(REPO_ROOT / "configs" / "split_mnist.yaml", [*COMMON, f"output_dir={out}", f"name={name}", *overrides])
             results[name] = run(cfg)
         return results[name]
 
