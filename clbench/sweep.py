@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -420,7 +421,7 @@ def sweep(config_path: str | None, args: list[str], retry_failed: bool = False, 
     if todo:
         launcher = _launcher(opts, sweep_dir)
         try:
-            _execute(launcher, opts, todo, save, Display(len(points), stream))
+            _execute(launcher, opts, todo, save, Display(len(todo), stream))
         finally:
             launcher.close()
     return state
@@ -472,11 +473,13 @@ def _execute(launcher: Any, opts: SweepConfig, todo: list[tuple[Point, bool]], s
                     walls.append(float(outcome["wall_time_s"]))
     except KeyboardInterrupt:
         _interrupt(launcher, running)
-        save()
         raise
     finally:
         display.close()
-    save()
+        for point, _ in running.values():  # the driver stops on an error: nothing runs on unsupervised
+            if point.record["status"] == "running":
+                point.record.update(status="interrupted", error="the sweep driver stopped")
+        save()
 
 
 def _interrupt(launcher: Any, running: dict[Any, tuple[Point, float]]) -> None:
@@ -529,6 +532,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-min", type=int, help="SLURM time limit per point in minutes (default 60)")
 
 
+def _sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM stops the driver like Ctrl-C (running points are interrupted with a checkpoint)."""
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
     """``clbench sweep``: exit 0 when every point finished, 1 when some failed, 130 on Ctrl-C."""
     rest = list(args.args)
@@ -536,11 +544,14 @@ def main(args: argparse.Namespace) -> int:
     for key in ("name", "launcher", "address", "cpus_per_run", "gpus_per_run", "max_concurrent", "partition", "time_min"):
         if getattr(args, key, None) is not None:
             rest.append(f"sweep.{key}={getattr(args, key)}")
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         state = sweep(config_path, rest, retry_failed=args.retry_failed)
     except KeyboardInterrupt:
         print("clbench: sweep interrupted; rerun the same command to resume it", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts: dict[str, int] = {}
     for rec in state["points"]:
         counts[rec["status"]] = counts.get(rec["status"], 0) + 1
