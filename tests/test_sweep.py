@@ -163,3 +163,23 @@ def test_kill9_driver_then_rerun_matches_uninterrupted(ray_address, tmp_path):
     assert (first / "summary.json").stat().st_mtime_ns == mtime  # not re-executed
     for name in ("seed=0", "seed=1"):
         assert results(tmp_path / "killed" / name) == results(tmp_path / "ref" / name)
+
+
+def test_sigint_interrupts_running_points_resumably(ray_address, tmp_path):
+    """Ctrl-C of the driver: running points stop with a checkpoint (status interrupted), exit 130."""
+    from clbench.engine import run_status
+
+    argv = [sys.executable, "-m", "clbench.cli", "sweep", "train.iterations=400", "eval.every=5", "checkpoint.every=20",
+            "logging.tensorboard=false", "logging.console=false", "logging.progress=false", f"output_dir={tmp_path}",
+            "seed=0,1", "--name", "int", "--address", ray_address]
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    dirs = [tmp_path / "int" / "seed=0", tmp_path / "int" / "seed=1"]
+    deadline = time.time() + 120
+    while not all((d / "checkpoint.pt").exists() for d in dirs) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=60) == 130
+    state = json.loads((tmp_path / "int" / "sweep.json").read_text())
+    assert statuses(state) == {"seed=0": "interrupted", "seed=1": "interrupted"}
+    assert [run_status(d) for d in dirs] == ["interrupted", "interrupted"]  # stopped with a checkpoint, resumable
