@@ -402,7 +402,6 @@ def sweep(config_path: str | None, args: list[str], retry_failed: bool = False, 
         if status != "missing":
             _check_same_config(point)
         if record["status"] == "failed" and retry_failed:
-            shutil.rmtree(point.run_dir, ignore_errors=True)
             record.update(status="pending", error=None)
             todo.append((point, False))
         elif record["status"] in ("missing", "interrupted", "incomplete"):
@@ -413,6 +412,9 @@ def sweep(config_path: str | None, args: list[str], retry_failed: bool = False, 
              "launcher": opts.launcher, "options": {k: getattr(opts, k) for k in SweepConfig.__dataclass_fields__ if k != "grid"},
              "points": [p.record for p in points]}
     save = lambda: write_json(sweep_dir / SWEEP_FILE, state)  # noqa: E731
+    for point, resume in todo:  # every point was checked: now clear the failed ones being retried
+        if not resume:
+            shutil.rmtree(point.run_dir, ignore_errors=True)
     save()
     skipped = len(points) - len(todo)
     print(f"sweep {sweep_dir}: {len(points)} points, {len(todo)} to run, {skipped} skipped "
