@@ -201,7 +201,8 @@ def test_domain_incremental_transforms_reach_online_evaluation(tmp_path, monkeyp
     images too, as are its training batches and task-end full test passes."""
     _record_evaluations(monkeypatch)
     cfg = make_cfg(tmp_path, "scenario=domain_incremental", "scenario.n_tasks=2", "strategy=transform_probe",
-                   "train.online=true", "train.epochs=0", "eval.every_samples=400", "eval.subset_size=50")
+                   "train.online=true", "train.epochs=0", "train.batch_size=64", "eval.every_samples=400",
+                   "eval.subset_size=50", "checkpoint.enabled=false")
     engine = Engine(cfg)
     summary = engine.run()
     assert summary["status"] == "finished"
@@ -264,8 +265,9 @@ def test_strategy_plugin_from_an_entry_point_runs_from_the_cli(tmp_path):
 
 def test_example_lwf_plugin_from_readme_runs(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "lwf.py"
-    lwf = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf", "scenario=task_incremental"))
-    finetune = run(make_cfg(tmp_path, "strategy=finetune", "scenario=task_incremental", name="ft"))
+    fast = ["scenario=task_incremental", "eval.every=0", "checkpoint.enabled=false"]
+    lwf = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf", *fast))
+    finetune = run(make_cfg(tmp_path, "strategy=finetune", *fast, name="ft"))
     # no teacher during the first experience: exactly fine-tuning; then the distillation term
     # changes training (a no-op loss would leave every row equal), and it still learns each
     # 2-way task (chance: 0.5)
