@@ -4,7 +4,6 @@ NaN handling, plug-ins.  Small and fast (each run is a couple of seconds on 2 CP
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
