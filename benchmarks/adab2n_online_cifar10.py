@@ -5,7 +5,7 @@ For base in {er_ace, derpp}, norm in {bn, adab2n}, buffer in {500, 2000} and see
 runs the online protocol of ``configs/online_split_cifar10.yaml`` (5 x 2 classes from the JPEG
 copy, one pass, batch 10, buffer minibatch 10, reservoir buffer, ResNet-18 nf=64, SGD lr 0.03;
 DER++'s alpha/beta per buffer size from the released best_args: (0.2, 0.5) @500, (0.1, 1.0)
-@2000) and prints one JSON line per (base, norm, buffer): final class-IL and task-IL accuracy
+@2000; DER++'s CE terms over all logits, the released default ``unseen_logits=true``) and prints one JSON line per (base, norm, buffer): final class-IL and task-IL accuracy
 (%, mean and sample std over seeds), plus the AdaB2N - BN gain on the adab2n lines.  Both
 norms use the same joint forward of incoming + buffer samples (see strategies/er_ace.py and
 strategies/der.py), so the gain is the normalisation's alone.

@@ -259,6 +259,27 @@ def test_derpp_stores_insertion_logits_and_alpha_term_is_zero_right_after(norm):
     assert float(strategy.last_terms["alpha_mse"]) > 0.0
 
 
+@pytest.mark.parametrize("unseen", [None, "true", "false"])
+def test_derpp_ce_over_all_logits_by_default_masked_as_option(unseen):
+    """Default (paper / mammoth derpp.py): plain CE over all 10 logits, so classes 5..9 of the
+    unseen experience get gradient; ``unseen_logits=false``: CE restricted to the seen 0..4."""
+    ctx = _ctx()  # 2 experiences x 5 classes, experience 0 seen
+    extra = [] if unseen is None else [f"strategy.unseen_logits={unseen}"]
+    strategy = _strategy("derpp", ctx, *extra)
+    strategy.model.eval()
+    batch = _batch(ctx, [0, 1], 3, experience=0)
+    _, out, loss = _step(strategy, batch, ctx)
+    g = out.grad.abs().sum(0)
+    if unseen == "false":
+        assert (g[5:] == 0).all() and (g[:5] > 0).all()
+        logits = out.detach()[:, :5]
+    else:
+        assert (g > 0).all()
+        logits = out.detach()
+    expected = torch.nn.functional.cross_entropy(logits, batch.y)  # empty buffer: the CE term only
+    torch.testing.assert_close(loss.detach(), expected)
+
+
 def test_derpp_beta_zero_is_der_with_one_draw():
     ctx = _ctx()
     strategy = _strategy("derpp", ctx, "strategy.beta=0", "strategy.replay_batch_size=4")
