@@ -532,6 +532,7 @@ class Engine:
             loss = self.strategy.loss(output, full, ctx)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.strategy.before_optimizer_step(ctx)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)

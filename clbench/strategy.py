@@ -11,6 +11,7 @@ optimiser, AMP, clipping, device and checkpoints; a strategy never steps the opt
         prepare_batch(batch, ctx) -> batch     e.g. replay adds buffer samples
         forward(x, batch, ctx) -> output       default: model(x)
         loss(output, batch, ctx) -> Tensor     task loss plus penalties
+        before_optimizer_step(ctx)             after backward, before clipping/step: may edit p.grad (A-GEM)
         after_step(batch, ctx)                 the incoming batch: buffer update, EMA, ...
     after_experience(exp, ctx)             Fisher, prototypes, anchors, ...
     predict(x, task_id) -> scores          the evaluator's only entry point
@@ -147,6 +148,12 @@ class Strategy:
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         return masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
+
+    def before_optimizer_step(self, ctx: Context) -> None:
+        """Called after ``loss.backward()`` and before gradient clipping and the optimiser step;
+        may rewrite ``p.grad`` in place (e.g. A-GEM's projection).  It may run its own extra
+        forward/backward passes if it restores the gradients it then edits.  With fp16 AMP the
+        gradients are still multiplied by the loss scale here."""
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         pass
