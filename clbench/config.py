@@ -22,6 +22,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from clbench import composite
 from clbench.logging.config import LoggingConfig
 from clbench.registry import MODELS, SCENARIOS, STRATEGIES, ClbenchError, Registry
 from clbench.validation import bounded, choice, path, path_fields, require, validate
@@ -129,6 +130,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for source in (file_cfg, cli_cfg):
             if isinstance(source.get(section), str):
                 source[section] = {"name": source[section]}
+            elif OmegaConf.is_list(source.get(section)):  # strategy: [replay, ewc]
+                source[section] = {"name": list(source[section])}
+            if isinstance(source.get(section), DictConfig) and OmegaConf.is_list(source[section].get("name")):
+                source[section].name = composite.SEPARATOR.join(map(str, source[section].name))  # -> replay+ewc
     cfg = _merge(OmegaConf.structured(RunConfig), [_without(file_cfg), _without(cli_cfg)], "")
     cfg.plugins = load_plugins(list(cfg.plugins), base_dir=Path(path).parent if path else Path.cwd())
     for section, (registry, default) in TYPED_SECTIONS.items():
@@ -176,7 +181,12 @@ def _paths_relative_to(file_cfg: DictConfig, base_dir: Path) -> None:
     for section, (registry, _) in TYPED_SECTIONS.items():
         part = file_cfg.get(section)
         name = part if isinstance(part, str) else part.get("name") if isinstance(part, DictConfig) else None
-        if isinstance(part, DictConfig) and name is not None and str(name) in registry:
+        if section == "strategy" and isinstance(part, DictConfig) and composite.is_composite(name):
+            for n in str(name).split(composite.SEPARATOR):  # each component's sub-section
+                n = n.strip()
+                if isinstance(part.get(n), DictConfig) and n in registry and registry.get(n).config is not None:
+                    fix_keys(part[n], path_fields(registry.get(n).config))
+        elif isinstance(part, DictConfig) and name is not None and str(name) in registry:
             config = registry.get(str(name)).config
             if config is not None:
                 fix_keys(part, path_fields(config))
@@ -187,6 +197,8 @@ def typed_section(section: str, registry: Registry, default: str, file_part: Any
     cli_name = cli_part.get("name") if cli_part is not None else None
     file_name = file_part.get("name") if file_part is not None else None
     name = cli_name or file_name or default
+    if section == "strategy" and composite.is_composite(name):
+        return _composite_section(str(name), file_part, cli_part)
     entry = registry.get(str(name))
     if entry.config is None:
         raise ClbenchError(f"{registry.kind} '{name}' has no config dataclass")
@@ -195,6 +207,31 @@ def typed_section(section: str, registry: Registry, default: str, file_part: Any
     keep_file = file_name in (None, name) or _same_schema(registry, str(file_name), entry.config)
     parts = [p for p in (file_part if keep_file else None, cli_part) if p is not None]
     return _merge(base, parts, section + ".")
+
+
+def _composite_section(name: str, file_part: Any, cli_part: Any) -> DictConfig:
+    """A composition's section (``strategy.name: replay+ewc``): one typed sub-section per component
+    (:func:`clbench.composite.composite_config`), then the YAML's keys, then the CLI's.  A YAML
+    written for one of the components (``strategy: {name: replay, buffer_size: 500}``) keeps its
+    keys in that component's sub-section; one written for another composition keeps the
+    sub-sections of the components the two share."""
+    names = composite.component_names(name)
+    composite.check_composition(names)
+    base = OmegaConf.structured(composite.composite_config(names))
+    base.name = name
+    parts = []
+    file_name = str(file_part.get("name")) if file_part is not None and file_part.get("name") is not None else None
+    if file_part is not None and file_name in (None, name):
+        parts.append(file_part)
+    elif file_part is not None and file_name in names:
+        parts.append({file_name: {k: v for k, v in file_part.items() if k != "name"}})
+    elif file_part is not None and composite.is_composite(file_name):
+        shared = [n for n in names if n in file_part]
+        if shared:
+            parts.append({n: file_part[n] for n in shared})
+    if cli_part is not None:
+        parts.append(cli_part)
+    return _merge(base, parts, "strategy.")
 
 
 def _same_schema(registry: Registry, other: str, config: type) -> bool:

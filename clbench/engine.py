@@ -76,7 +76,8 @@ from clbench.evaluation import Evaluator, check_compile_mode
 from clbench.logging import build_logger
 from clbench.logging.console import PassProgress
 from clbench.models import build_model
-from clbench.registry import STRATEGIES, ClbenchError
+from clbench.composite import build_strategy
+from clbench.registry import ClbenchError
 from clbench.rundir import (CHECKPOINT, RunLock, create_run_dir, load_checkpoint, notice, read_summary,
                             refuse_existing, run_status, save_checkpoint)
 from clbench.strategy import Batch, Context, Strategy
@@ -194,8 +195,7 @@ class Engine:
         stream = build_stream(cfg.scenario, seed=cfg.seed, cache_dir=cfg.cache_dir)
         self.stream = stream.to(self.device) if cfg.train.data_on_device else stream
         self.model = build_model(cfg.model, stream.image_shape, stream.num_classes).to(self.device)
-        strategy_entry = STRATEGIES.get(cfg.strategy.name)
-        self.strategy: Strategy = strategy_entry.obj(cfg.strategy)
+        self.strategy: Strategy = build_strategy(cfg.strategy)  # a Composite for strategy=[a,b]
         mean, std = getattr(self.model, "input_stats", None) or (stream.mean, stream.std)
         self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
                            preprocess=Preprocess(mean, std, cfg.train.augment, size=getattr(self.model, "input_size", None)))

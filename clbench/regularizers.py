@@ -231,7 +231,7 @@ class _eval_mode:
 
 
 class ParameterRegularization(Strategy):
-    """Base of the L2 and EWC strategies: the penalty added in ``loss`` over the backbone's (or all)
+    """Base of the L2 and EWC strategies: the ``penalty`` (added to the task loss by ``loss``) over the backbone's (or all)
     parameters; subclasses set the scale and consolidate in ``after_experience``."""
 
     def setup(self, model, ctx: Context) -> None:
@@ -247,11 +247,11 @@ class ParameterRegularization(Strategy):
     def penalty_scale(self) -> float:
         raise NotImplementedError
 
-    def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        task_loss = super().loss(output, batch, ctx)
+    def penalty(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | float:
+        """scale * sum Omega (theta - theta*)^2, 0 before the first anchor (``loss`` adds it to the task loss)."""
         if not self.reg.active:
-            return task_loss
-        return task_loss + self.penalty_scale() * self.reg.penalty()
+            return 0.0
+        return self.penalty_scale() * self.reg.penalty()
 
     def state_dict(self) -> dict[str, Any]:
         return {"reg": self.reg.state_dict()}

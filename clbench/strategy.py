@@ -10,7 +10,7 @@ optimiser, AMP, clipping, device and checkpoints; a strategy never steps the opt
     for each iteration:
         prepare_batch(batch, ctx) -> batch     e.g. replay adds buffer samples
         forward(x, batch, ctx) -> output       default: model(x)
-        loss(output, batch, ctx) -> Tensor     task loss plus penalties
+        loss(output, batch, ctx) -> Tensor     task loss plus penalty(output, batch, ctx)
         before_optimizer_step(ctx)             after backward, before clipping/step: may edit p.grad (A-GEM)
         after_step(batch, ctx)                 the incoming batch: buffer update, EMA, ...
     after_experience(exp, ctx)             Fisher, prototypes, anchors, ...
@@ -19,6 +19,20 @@ optimiser, AMP, clipping, device and checkpoints; a strategy never steps the opt
 
 State flows through the :class:`Context` (read-only for strategies), never through
 attributes another plug-in mutates, so hook order never matters between strategies.
+
+Composition (``strategy: [replay, ewc]``, ``strategy=[replay,ewc]``; :mod:`clbench.composite`):
+the components run as one strategy, each with its own config sub-section (``strategy.replay.*``,
+``strategy.ewc.*``) and all set up, in order, on the same model.  ``prepare_batch`` chains in
+order; ``before_experience``, ``before_optimizer_step``, ``after_step`` and ``after_experience``
+run in order.  Losses add: exactly one component, the *owner* (the one that overrides ``loss`` or
+``predict``, else the first), gives ``loss`` (its task loss and penalty) and ``predict``; every
+other one adds its ``penalty`` (default 0: a regulariser such as EWC or L2 implements ``penalty``,
+not ``loss``).  ``forward``, ``training_experiences`` and ``param_groups`` are the one overriding
+component's (else the default); merged groups put its groups first, then the other components'
+parameters not yet in a group.  State dicts nest by component name.  Refused when the config is
+loaded, naming both: two components that override the same one of ``forward``,
+``param_groups``, ``training_experiences``, or two that override ``loss``/``predict``.  With
+those rules, components that touch different hooks (e.g. replay and EWC) compose in any order.
 
 Online protocol (``train.online=true``, e.g. Si-Blurry; see :mod:`clbench.engine`): the
 "iterations" above are ``train.online_iter`` gradient steps on each incoming batch, in the
@@ -147,7 +161,15 @@ class Strategy:
         return self.model(x)
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        return masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
+        """The task loss (cross-entropy over the allowed logits) plus :meth:`penalty`."""
+        task_loss = masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
+        penalty = self.penalty(output, batch, ctx)
+        return task_loss if isinstance(penalty, (int, float)) and penalty == 0 else task_loss + penalty
+
+    def penalty(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | float:
+        """A regularisation term added to the task loss (default 0); in a composition each
+        component that does not own the task loss contributes only this."""
+        return 0.0
 
     def before_optimizer_step(self, ctx: Context) -> None:
         """Called after ``loss.backward()`` and before gradient clipping and the optimiser step;
