@@ -73,6 +73,7 @@ class EvalConfig:
     wf_tasks: str = choice("previous", "previous", "seen")  # WF^w averaged over previous tasks (i < k) | seen (i <= k, as the authors' code logs it)
     gap_window: int = bounded(100, ge=1)  # stability gap: iterations after a boundary in which the dip is looked for
     every_samples: int = bounded(1000, ge=0)  # online: evaluate every N training samples on the exposed classes (0: task ends only)
+    online_points: str = choice("official", "official", "inclusive_with_end")  # online A_auc points: official (Si-Blurry trainer: after the batch that takes the count past k*N, no end point) | inclusive_with_end (at >= k*N, plus the end of the stream; clbench before issue 13)
 
 
 @dataclass

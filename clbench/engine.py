@@ -16,13 +16,18 @@ class is *exposed* when its first sample arrives, and ``ctx.class_mask`` (hence 
 evaluation masks) allows exposed classes only.  Each incoming batch gets
 ``train.online_iter`` gradient steps (``prepare_batch``/``forward``/``loss``/optimiser each
 time, fresh augmentation each time) and then one ``after_step`` (the code updates its memory
-once per incoming batch).  Every ``eval.every_samples`` samples -- after the batch that
+once per incoming batch).  Every ``eval.every_samples`` samples the evaluator measures the exposed classes (an A_auc
+point) and the per-experience subsets (stability-gap trackers).  When, is ``eval.online_points``
+(:func:`online_eval_due`): ``official`` (default) as the released Si-Blurry trainer
+(``samples_cnt > num_eval``, ``num_eval`` = k x period, no point at the end of the stream):
+after the first batch that takes the count strictly past a multiple, so
+``ceil(n_samples / every_samples) - 1`` A_auc points when the batch size is at most
+``every_samples``; ``inclusive_with_end`` (clbench before issue 13): after the batch that
 reaches or crosses a multiple, and once more after the last sample of the stream if that is
-not a multiple, so ``ceil(n_samples / every_samples)`` evaluations when the batch size is at
-most ``every_samples`` -- the evaluator measures the exposed classes (A_auc) and the
-per-experience subsets (stability-gap trackers).  At every task end the subsets are measured
-once more for the trackers only (unless just measured), and the full test sets give A_last,
-A_avg, F_last and the accuracy matrix.
+not a multiple, so ``ceil(n_samples / every_samples)`` points.  At every task end (the stream's
+end included, under ``official``) the subsets are measured once more for the trackers only
+(unless just measured), and the full test sets give A_last, A_avg, F_last and the accuracy
+matrix.
 
 Resuming (``run(resume=RUN_DIR)``) restores model, optimiser, scheduler, AMP scaler,
 strategy state, metric trackers, the loss accumulator of the current ``logging.log_every``
@@ -429,7 +434,7 @@ class Engine:
                 ctx.experience_iteration = it
                 losses.record(self._step(batch, after_step=r == reps - 1), it, n_iter)
             ctx.samples_seen += len(batch)
-            if period > 0 and ctx.samples_seen // period > (ctx.samples_seen - len(batch)) // period:
+            if period > 0 and online_eval_due(ctx.samples_seen, len(batch), period, cfg.eval.online_points):
                 self._online_eval(k)
             if (checkpoint_every > 0 and ctx.iteration // checkpoint_every > (ctx.iteration - reps) // checkpoint_every
                     and b + 1 < n_batches):
@@ -440,9 +445,10 @@ class Engine:
         final = k == len(stream) - 1
         stream_end = all(e.train_idx.numel() == 0 for e in stream.experiences[k + 1:])
         if period > 0 and n_batches and self._last_eval != ctx.samples_seen:
-            # the end of the stream counts for A_auc; other task ends only give the trackers
-            # their boundary accuracies (as the offline loop's evaluation at the last iteration)
-            self._online_eval(k, auc=stream_end)
+            # task ends give the trackers their boundary accuracies (as the offline loop's
+            # evaluation at the last iteration); the end of the stream is an A_auc point only
+            # with eval.online_points=inclusive_with_end (the released trainer has none)
+            self._online_eval(k, auc=stream_end and cfg.eval.online_points == "inclusive_with_end")
         metrics = self.evaluator.online_task_end(k, self.exposed)
         self.logger.log_metrics(metrics, ctx.iteration, "experience")
         self.logger.on_experience_end(k, metrics)
@@ -697,6 +703,18 @@ def batch_schedule(sample_idx: torch.Tensor, sample_exp: torch.Tensor, cfg: RunC
             yield sample_idx[sel], sample_exp[sel]
             done += 1
         epoch += 1
+
+
+def online_eval_due(samples: int, batch: int, period: int, points: str = "official") -> bool:
+    """Whether the online protocol evaluates after a batch of ``batch`` samples that took the
+    count to ``samples`` (``eval.every_samples`` = ``period``).  ``official``: some multiple
+    k x period (k >= 1) satisfies ``samples - batch <= k x period < samples`` -- the released
+    Si-Blurry trainer's ``samples_cnt > num_eval`` (identical to it while ``batch <= period``;
+    its ``num_eval`` then lags behind for larger batches, this does not).
+    ``inclusive_with_end``: ``samples - batch < k x period <= samples``."""
+    if points == "official":
+        return max(samples - 1, 0) // period > max(samples - batch - 1, 0) // period
+    return samples // period > (samples - batch) // period
 
 
 def check_online(cfg: RunConfig, stream) -> None:

@@ -213,9 +213,10 @@ def test_online_run_on_digits_metrics_present_and_sane(tmp_path):
     sizes = [e.train_idx.numel() for e in stream]
     assert summary["status"] == "finished"
     assert summary["iterations"] == 2 * sum(math.ceil(s / 16) for s in sizes)  # online_iter steps per batch
-    # evaluations: after the batch reaching each multiple of 200 samples, and at the stream's end
-    assert len(summary["online_samples"]) == math.ceil(n / 200) and summary["online_samples"][-1] == n
-    assert all(s // 200 == i + 1 for i, s in enumerate(summary["online_samples"][:-1]))
+    # A_auc points (released trainer): after the first batch taking the count past 200, 400, ...
+    # (strictly), none at the stream's end
+    assert summary["online_samples"] == _expected_points(sizes, 16, 200, end=False)
+    assert len(summary["online_samples"]) == math.ceil(n / 200) - 1
     assert all(summary[key] is not None for key in ("a_auc", "a_last", "a_avg", "f_last"))
     assert summary["a_last"] == summary["task_end_acc"][-1] > 0.5  # replay on digits learns (chance 0.1)
     assert summary["a_avg"] == pytest.approx(sum(summary["task_end_acc"]) / 5)
@@ -235,6 +236,48 @@ def test_online_run_on_digits_metrics_present_and_sane(tmp_path):
     final = [r for r in records if "eval/f_last" in r]
     assert len(final) == 1 and final[0]["eval/a_auc"] == pytest.approx(summary["a_auc"])
     assert all(r["eval/period"] == 200 for r in records if r["kind"] == "eval" and "eval/period" in r)
+
+
+def _expected_points(sizes, batch, period, end):
+    """Sample counts of the A_auc points, by walking the batch ends (batches never straddle a
+    task) and checking each multiple of ``period`` by hand."""
+    ends, total = [], 0
+    for size in sizes:
+        for start in range(0, size, batch):
+            total += min(batch, size - start)
+            ends.append(total)
+    points, prev = [], 0
+    for e in ends:
+        multiples = [m for m in range(period, total + 1, period) if (prev < m <= e if end else prev <= m < e)]
+        if multiples:
+            points.append(e)
+        prev = e
+    if end and points[-1] != total:
+        points.append(total)
+    return points
+
+
+def test_online_points_official_vs_inclusive_with_end(tmp_path):
+    """A multiple of the period hit exactly by a batch end: the released trainer (strict >)
+    evaluates one batch later; the old clbench rule at it, and adds the stream's end."""
+    from clbench.engine import online_eval_due
+
+    assert not online_eval_due(48, 16, 48, "official") and online_eval_due(64, 16, 48, "official")
+    assert online_eval_due(48, 16, 48, "inclusive_with_end") and not online_eval_due(64, 16, 48, "inclusive_with_end")
+    assert not online_eval_due(16, 16, 48, "official")  # k >= 1: no point at 0
+    stream = si_blurry(SiBlurryConfig(), seed=0)
+    sizes = [e.train_idx.numel() for e in stream]
+    n = sum(sizes)
+    runs = {}
+    for points in ("official", "inclusive_with_end"):
+        summary = run(online_cfg(tmp_path, "train.online_iter=1", "eval.every_samples=96",
+                                 f"eval.online_points={points}", name=points))
+        runs[points] = summary["online_samples"]
+        assert runs[points] == _expected_points(sizes, 16, 96, end=points != "official")
+        assert summary["a_auc"] == pytest.approx(sum(summary["online_acc"]) / len(summary["online_acc"]))
+    assert len(runs["official"]) == math.ceil(n / 96) - 1 and runs["official"][-1] < n
+    assert len(runs["inclusive_with_end"]) == math.ceil(n / 96) and runs["inclusive_with_end"][-1] == n
+    assert runs["official"] != runs["inclusive_with_end"][:-1]  # some batch end hits a multiple of 96
 
 
 def test_unexposed_logits_are_masked_in_training_and_evaluation(tmp_path):
