@@ -18,13 +18,21 @@ with the energy E(x) = -logsumexp of the logits of the current task's classes, H
 Differences from the released code (paper behaviour by default):
 
 * ``ood.py::_generate`` computes the boundary points but never uses them: the outliers are
-  ``cov * eps``, i.e. N(0, sigma^2 I) around the **origin** (issue ovor#5), and the kNN distance
-  of these un-normalised candidates is taken against the normalised index.
-  ``vor_outlier_center: origin`` reproduces exactly that.
-* Scale (our choice, stated because the head sees un-normalised features): with
-  ``boundary`` the outliers are synthesised in the normalised space and multiplied by the
-  mean norm of the task's features, so they sit next to the ID features the head is trained
-  on.  With ``origin`` they are used as generated, as in the code.
+  ``cov * offsets.repeat(select, 1)``, i.e. N(0, sigma^2 I) around the **origin** (issue
+  ovor#5), with the ``sample_from`` offsets drawn ONCE (``self.dis.rsample((sample_from,))``)
+  and the same block repeated for each of the ``select`` boundary points; the kNN distance of
+  these un-normalised candidates is taken against the normalised index.  Identical copies
+  have identical distances, so the ``per_class * C`` kept outliers are only
+  ``ceil(per_class * C / select)`` distinct points (about 40 C / 50 at the defaults), each
+  repeated ``select`` times (the last possibly fewer).  ``vor_outlier_center: origin``
+  reproduces exactly that (the same draw-once-and-repeat, the same selection).
+* ``boundary`` (default, clbench's reading of the paper; a deviation from the released code):
+  independent offsets per boundary point, candidates ``x_b + sigma * eps`` around the
+  normalised boundary points, then (our choice, stated because the head sees un-normalised
+  features) multiplied by the mean norm of the task's features.  With sigma = 0.1 the offset
+  alone has norm ~ 0.1 sqrt(D), so at D = 192 (ViT-Tiny) a candidate has norm
+  ~ sqrt(1 + 1.92) ~ 1.7 before the rescaling: the outliers sit at ~1.7x the ID feature norm
+  (~3.1x at D = 768).  With ``origin`` they are used as generated, as in the code.
 """
 
 from __future__ import annotations
@@ -56,10 +64,11 @@ def synthesize_outliers(features: torch.Tensor, cfg: "PromptConfig", n_classes: 
     n_keep = cfg.vor_per_class * max(1, n_classes)
     d_id = kth_neighbour_distance(normed, normed, k)
     boundary = normed[d_id.topk(min(cfg.vor_select, normed.shape[0])).indices]
-    eps = torch.randn(boundary.shape[0], cfg.vor_sample_from, feats.shape[1], generator=generator).to(feats.device)
-    if cfg.vor_outlier_center == "origin":
-        candidates = (cfg.vor_sigma * eps).reshape(-1, feats.shape[1])
+    if cfg.vor_outlier_center == "origin":  # released code: one draw, repeated for every boundary point
+        offsets = torch.randn(cfg.vor_sample_from, feats.shape[1], generator=generator).to(feats.device)
+        candidates = (cfg.vor_sigma * offsets).repeat(boundary.shape[0], 1)
     else:
+        eps = torch.randn(boundary.shape[0], cfg.vor_sample_from, feats.shape[1], generator=generator).to(feats.device)
         candidates = (boundary[:, None] + cfg.vor_sigma * eps).reshape(-1, feats.shape[1])
     d_out = kth_neighbour_distance(candidates, normed, k)
     outliers = candidates[d_out.topk(min(n_keep, candidates.shape[0])).indices]
