@@ -2,8 +2,9 @@
 
     L_reg = scale * sum_theta  Omega_theta * (theta - theta*)^2
 
-with Omega = 1 for L2 and Omega = F (the diagonal Fisher information) for EWC (Kirkpatrick et
-al. 2017, Eq. 3), and theta* the parameters at the end of the previous task.  Importances
+with Omega = 1 for L2, Omega = F (the diagonal Fisher information) for EWC (Kirkpatrick et
+al. 2017, Eq. 3), the path integral of SI (Zenke et al. 2017, Eq. 5) and the output-norm
+sensitivity of MAS (Aljundi et al. 2018, Eq. 4), and theta* the parameters at the end of the previous task.  Importances
 accumulate online across tasks, ``Omega <- gamma * Omega + Omega_new`` (Schwarz et al. 2018;
 gamma = 1 as in Smith et al. 2023's released code), and the anchor is overwritten each task.
 """
@@ -39,8 +40,9 @@ class QuadraticRegularizer:
         return sum(((self.importance[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in self.params.items()),
                    torch.zeros((), device=next(iter(self.params.values())).device))
 
-    def consolidate(self, new_importance: dict[str, torch.Tensor] | None = None) -> None:
-        """Anchor at the current parameters; accumulate ``new_importance`` (EWC), or keep
+    def consolidate(self, new_importance: dict[str, torch.Tensor] | None = None, new_weight: float = 1.0) -> None:
+        """Anchor at the current parameters; accumulate ``new_importance`` (EWC, SI, MAS) as
+        ``Omega <- gamma * Omega + new_weight * Omega_new`` (the first one as it is), or keep
         Omega = 1 when it is None (L2)."""
         for n, p in self.params.items():
             old = self.importance.get(n)
@@ -48,7 +50,7 @@ class QuadraticRegularizer:
                 self.importance[n] = torch.ones_like(p, requires_grad=False)
             else:
                 new = new_importance[n].detach()
-                self.importance[n] = new.clone() if old is None else self.gamma * old + new
+                self.importance[n] = new.clone() if old is None else self.gamma * old + new_weight * new
             self.anchor[n] = p.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """A complete user strategy in one file: Learning without Forgetting (Li & Hoiem, 2016).
 
-Run it with:  clbench run plugins=[examples/lwf.py] strategy=lwf strategy.alpha=1.0
+Run it with:  clbench run plugins=[examples/lwf.py] strategy=lwf_example strategy.alpha=1.0
+
+clbench ships the full strategy as ``strategy=lwf`` (strategies/lwf.py); this example registers
+itself as ``lwf_example`` so the two names do not clash.
 
 After each experience a frozen copy of the model is kept; while learning the next one, the
 new model's logits over the previously seen classes are distilled toward the copy's
@@ -19,12 +22,12 @@ from clbench.strategy import Strategy, StrategyConfig
 
 @dataclass
 class LwFConfig(StrategyConfig):
-    name: str = "lwf"
+    name: str = "lwf_example"
     alpha: float = 1.0  # weight of the distillation term
     temperature: float = 2.0
 
 
-@register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (example plug-in)")
+@register_strategy("lwf_example", config=LwFConfig, description="Learning without Forgetting (example plug-in)")
 class LwF(Strategy):
     """Cross-entropy on the current data + alpha * KD toward the previous model on old classes."""
 

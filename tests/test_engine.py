@@ -265,7 +265,7 @@ def test_strategy_plugin_from_an_entry_point_runs_from_the_cli(tmp_path):
 def test_example_lwf_plugin_from_readme_runs(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "lwf.py"
     fast = ["scenario=task_incremental", "eval.every=0", "checkpoint.enabled=false"]
-    lwf = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf", *fast))
+    lwf = run(make_cfg(tmp_path, f"plugins=[{example}]", "strategy=lwf_example", *fast))
     finetune = run(make_cfg(tmp_path, "strategy=finetune", *fast, name="ft"))
     # no teacher during the first experience: exactly fine-tuning; then the distillation term
     # changes training (a no-op loss would leave every row equal), and it still learns each

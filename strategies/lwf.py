@@ -1,0 +1,85 @@
+"""LwF: Learning without Forgetting, class-incremental form.
+
+Li & Hoiem 2016/2018, "Learning without Forgetting" (ECCV / TPAMI), Eq. 2 (knowledge distillation,
+Hinton et al. 2015): after each experience a frozen copy of the model (the teacher) is kept;
+while learning the next one the loss is
+
+    L = CE(current data) + lambda_o * L_old,
+    L_old = - sum_{c in old} softmax(z_teacher / T)_c * log softmax(z / T)_c,
+
+over the logits of the classes of all previous experiences, with T = 2 and lambda_o = 1 (the
+paper's values).  We compute L_old as the KL divergence (it differs from the cross-entropy by the
+teacher's entropy, a constant: same gradients), averaged over the batch, with no T^2 factor as in
+the paper (``t_squared: true`` adds Hinton's T^2).  The teacher sees the very inputs the student
+sees (augmented ones included).  The paper's warm-up step (new head alone first) is not used.
+
+Avalanche's ``LwF`` computes the same loss (KL with ``batchmean``, no T^2, over the units of
+previously seen classes; tests/test_vs_avalanche_regularizers.py); its ``alpha`` may be a list,
+one per experience, where ours is one value.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from clbench.registry import register_strategy
+from clbench.strategy import Batch, Context, Strategy, StrategyConfig
+from clbench.validation import bounded
+
+
+@dataclass
+class LwFConfig(StrategyConfig):
+    name: str = "lwf"
+    alpha: float = bounded(1.0, ge=0)  # lambda_o, weight of the distillation term (paper: 1)
+    temperature: float = bounded(2.0, gt=0)  # T (paper: 2)
+    t_squared: bool = False  # scale the distillation term by T^2 (Hinton et al. 2015); the paper does not
+
+
+@register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (Li & Hoiem 2016), class-IL distillation")
+class LwF(Strategy):
+    """CE on the current data + alpha * KD(T) toward the previous model on the old classes' logits."""
+
+    cfg: LwFConfig
+
+    def setup(self, model, ctx: Context) -> None:
+        super().setup(model, ctx)
+        self.teacher: torch.nn.Module | None = None
+        self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
+        self._x: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        self._x = x
+        return self.model(x)
+
+    def distillation(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """KL(softmax(teacher/T) || softmax(output/T)) over the old classes, batch mean."""
+        with torch.no_grad():
+            target = self.teacher(x)[:, self.old_classes].float()
+        t = self.cfg.temperature
+        kd = F.kl_div(F.log_softmax(output[:, self.old_classes].float() / t, 1), F.softmax(target / t, 1),
+                      reduction="batchmean")
+        return kd * t * t if self.cfg.t_squared else kd
+
+    def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        loss = super().loss(output, batch, ctx)
+        if self.teacher is None or not bool(self.old_classes.any()):
+            return loss
+        return loss + self.cfg.alpha * self.distillation(output, self._x)
+
+    def after_experience(self, exp, ctx: Context) -> None:
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.old_classes[exp.classes.to(ctx.device)] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict(), "old": self.old_classes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.old_classes = state["old"].to(self.old_classes.device)
+        if state["teacher"] is not None:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
