@@ -161,9 +161,18 @@ def merge_prompts(*parts: LayerPrompts) -> LayerPrompts:
 
 
 # ---------------------------------------------------------------------------- the prompt module
-def uniform_(t: torch.Tensor) -> torch.Tensor:
-    """U(0, 1), the CODA/OVOR code's ``tensor_prompt`` initialisation (``nn.init.uniform_``)."""
-    return nn.init.uniform_(t)
+def uniform_(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """U(0, scale): 1 is the CODA/OVOR code's ``tensor_prompt`` initialisation (``nn.init.uniform_``),
+    0.01 the JAX L2P/DualPrompt code's (flax ``nn.initializers.uniform()``, prompts and keys)."""
+    return nn.init.uniform_(t, 0.0, scale)
+
+
+def zero_head_(head: nn.Module) -> None:
+    """Zero the linear head's weight and bias (JAX L2P/DualPrompt code: ``kernel_init=zeros``)."""
+    with torch.no_grad():
+        head.weight.zero_()
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
 
 
 class PromptPool(nn.Module):
@@ -177,7 +186,7 @@ class PromptPool(nn.Module):
     """
 
     def __init__(self, layers: Sequence[int], size: int, length: int, dim: int, key_dim: int | None = None,
-                 key_per_layer: bool = False, attention: bool = False, chunks: int = 1):
+                 key_per_layer: bool = False, attention: bool = False, chunks: int = 1, init_scale: float = 1.0):
         super().__init__()
         if size < 1 or length < 1 or chunks < 1 or size % chunks:
             raise ClbenchError(f"prompt pool size {size} must be a positive multiple of its {chunks} chunks "
@@ -187,9 +196,10 @@ class PromptPool(nn.Module):
         self.chunk = size // chunks
         n_key = len(self.layers) if key_per_layer else 1
         self.prompts = nn.ParameterList(
-            [nn.Parameter(uniform_(torch.empty(len(self.layers), self.chunk, length, dim))) for _ in range(chunks)])
+            [nn.Parameter(uniform_(torch.empty(len(self.layers), self.chunk, length, dim), init_scale))
+             for _ in range(chunks)])
         self.keys = nn.ParameterList(
-            [nn.Parameter(uniform_(torch.empty(n_key, self.chunk, key_dim))) for _ in range(chunks)]
+            [nn.Parameter(uniform_(torch.empty(n_key, self.chunk, key_dim), init_scale)) for _ in range(chunks)]
         ) if key_dim else None
         self.attn = nn.ParameterList(
             [nn.Parameter(uniform_(torch.empty(n_key, self.chunk, key_dim))) for _ in range(chunks)]

@@ -16,6 +16,17 @@ G length 6 (3 key + 3 value tokens) in blocks 0-1, E pool = number of tasks (``e
 ``imr_dualprompt.py``): G length 5, E length 5 (CIFAR) / 20 (ImageNet-R), pool 10, where a prefix
 of length L is L key + L value tokens: ``g_length: 10, e_length: 10 | 40`` here (our length counts
 both halves, like the CODA code's).
+
+Parity options with the JAX code (``google-research/l2p`` @ dd8836e), off by default, on in
+``configs/repro/dualprompt_imagenet_r.yaml``:
+
+* ``shared_prompt_pool`` (``configs/imr_dualprompt.py``: true; ``train_continual.py``
+  "Transfer previous learned prompt params to the new prompt"): at the start of task t > 0 the
+  E-prompt of task t-1 is copied into E-prompt t (prompts only; keys are not shared,
+  ``shared_prompt_key = False``); skipped where t is beyond the pool, as there.  Done once per
+  task (a buffer in the prompt module records it, so resuming inside task t does not redo it).
+* ``prompt_init_scale: 0.01``: G-/E-prompts and keys ~ U(0, 0.01) (flax ``uniform()``).
+* ``zero_head``: the head's weight and bias start at zero.
 """
 
 from __future__ import annotations
@@ -26,7 +37,8 @@ from typing import List
 import torch
 from torch import nn
 
-from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys, merge_prompts
+from clbench.prompts import (LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys, merge_prompts,
+                             zero_head_)
 from clbench.registry import ClbenchError, register_strategy
 from clbench.validation import bounded
 
@@ -41,6 +53,9 @@ class DualPromptConfig(PromptConfig):
     e_pool_size: int = bounded(0, ge=0)  # 0: one E-prompt per task (the stream's number of experiences)
     train_task_id: bool = True  # training picks the task's E-prompt (paper and code); false: by key
     key_loss_weight: float = bounded(1.0, ge=0)
+    shared_prompt_pool: bool = False  # parity (JAX code): E-prompt t-1 copied into E-prompt t when task t starts
+    prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
+    zero_head: bool = False  # parity (JAX code): zero-initialised head
 
 
 class DualPromptModule(nn.Module):
@@ -48,8 +63,20 @@ class DualPromptModule(nn.Module):
 
     def __init__(self, cfg: DualPromptConfig, dim: int, e_pool: int):
         super().__init__()
-        self.g = PromptPool(cfg.g_layers, 1, cfg.g_length, dim) if cfg.g_layers and cfg.g_length else None
-        self.e = PromptPool(cfg.e_layers, e_pool, cfg.e_length, dim, key_dim=dim)
+        scale = cfg.prompt_init_scale
+        self.g = PromptPool(cfg.g_layers, 1, cfg.g_length, dim, init_scale=scale) if cfg.g_layers and cfg.g_length else None
+        self.e = PromptPool(cfg.e_layers, e_pool, cfg.e_length, dim, key_dim=dim, init_scale=scale)
+        if cfg.shared_prompt_pool:  # the last task whose E-prompt was initialised from its predecessor's
+            self.register_buffer("transferred", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def transfer(self, task: int) -> None:
+        """E-prompt ``task - 1`` copied into E-prompt ``task``, once per task (JAX shared_prompt_pool)."""
+        if task < 1 or task >= self.e.size or int(self.transferred) >= task:
+            return
+        prompts = self.e.prompts[0]  # [n_layers, pool, L, D] (one chunk)
+        prompts[:, task] = prompts[:, task - 1]
+        self.transferred.fill_(task)
 
 
 @register_strategy("dualprompt", config=DualPromptConfig,
@@ -58,6 +85,16 @@ class DualPrompt(PromptStrategy):
     """G-prompt + per-task E-prompts with keys; see the module docstring."""
 
     cfg: DualPromptConfig
+
+    def setup(self, model, ctx) -> None:
+        super().setup(model, ctx)
+        if self.cfg.zero_head:
+            zero_head_(model.head)
+
+    def before_experience(self, exp, ctx) -> None:
+        super().before_experience(exp, ctx)
+        if self.cfg.shared_prompt_pool:
+            self.prompt.transfer(exp.index)
 
     def build_prompt(self, dim: int, n_tasks: int) -> nn.Module:
         pool = self.cfg.e_pool_size or n_tasks

@@ -14,8 +14,18 @@ Defaults: **L2P++** as benchmarked in the CODA-Prompt paper and code (``GT-RIPL/
 "Deep L2P++"), [CLS] features.  The original L2P (``google-research/l2p``
 ``configs/cifar100_l2p.py``): ``mode: tokens``, ``pool_features: prompt`` (the head sees the
 mean of the prompt tokens' outputs), pool 10, length 10 (the paper's 5 is recalled,
-UNVERIFIED), top-4 -- see ``configs/repro/l2p_original_imagenet_r.yaml``.  Its batch-wise
-prompt selection (the batch's most frequent prompts) is not implemented.
+UNVERIFIED), top-4 -- see ``configs/repro/l2p_original_imagenet_r.yaml``.
+
+Parity options with the JAX code (``google-research/l2p`` @ dd8836e, ``models/prompt.py``,
+``models/vit.py``), off by default, on in the repro config:
+
+* ``batchwise_prompt`` (``configs/cifar100_l2p.py``: true): in training and inference every
+  sample of a batch uses the same ``top_k`` prompts -- the ``top_k`` most frequent ids among the
+  batch's per-sample top-k selections (ties: the smaller id, as ``jnp.unique`` + ``lax.top_k``);
+  the pull constraint then pulls each query towards those keys.
+* ``prompt_init_scale: 0.01``: prompts and keys ~ U(0, 0.01) (flax ``nn.initializers.uniform()``;
+  default 1: U(0, 1), the CODA code's).
+* ``zero_head``: the head's weight and bias start at zero (``kernel_init=zeros``).
 
 Parity flag: ``key_loss_gather`` reproduces the CODA code's key loss
 ``(1 - cos_sim[:, k_idx]).mean()``: ``cos_sim[:, k_idx]`` is a ``[B, B, N]`` gather, so each
@@ -31,7 +41,7 @@ from typing import List
 import torch
 from torch import nn
 
-from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys
+from clbench.prompts import LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys, zero_head_
 from clbench.registry import ClbenchError, register_strategy
 from clbench.validation import bounded, choice, require
 
@@ -47,6 +57,9 @@ class L2PConfig(PromptConfig):
     pool_features: str = choice("cls", "cls", "prompt")  # cls | prompt (original L2P: mean of the prompt tokens' outputs)
     key_loss_weight: float = bounded(1.0, ge=0)  # lambda of the pull constraint
     key_loss_gather: bool = False  # parity: CODA code's cos_sim[:, k_idx] (B x B x N) key loss
+    batchwise_prompt: bool = False  # parity (JAX L2P): the batch's top_k most frequent prompts for every sample
+    prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
+    zero_head: bool = False  # parity (JAX code): zero-initialised head
 
     def validate(self) -> None:
         require(self.top_k <= self.pool_size,
@@ -57,6 +70,14 @@ def select_top_k(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Ten
     """Cosine similarities ``[B, M]`` of queries to keys and the indices ``[B, k]`` of the top k."""
     cos = cosine_to_keys(q, keys)
     return cos, cos.topk(k, dim=1).indices
+
+
+def batchwise_top_k(idx: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """The ``k`` most frequent ids of the per-sample selections ``idx`` ``[B, k]``, for every sample
+    (``[B, k]``); ties go to the smaller id (JAX L2P ``batchwise_prompt``)."""
+    counts = torch.bincount(idx.flatten(), minlength=pool_size)
+    order = torch.argsort(-counts * (pool_size + 1) + torch.arange(pool_size, device=counts.device))
+    return order[: idx.shape[1]].unsqueeze(0).expand(idx.shape[0], -1)
 
 
 def key_loss(cos: torch.Tensor, idx: torch.Tensor, gather_all: bool = False) -> torch.Tensor:
@@ -77,11 +98,16 @@ class L2P(PromptStrategy):
         if not 1 <= self.cfg.top_k <= self.cfg.pool_size:
             raise ClbenchError(f"strategy.top_k must be in [1, pool_size={self.cfg.pool_size}], got {self.cfg.top_k}")
         super().setup(model, ctx)
+        if self.cfg.zero_head:
+            zero_head_(model.head)
 
     def build_prompt(self, dim: int, n_tasks: int) -> nn.Module:
-        return PromptPool(self.cfg.layers, self.cfg.pool_size, self.cfg.length, dim, key_dim=dim)
+        return PromptPool(self.cfg.layers, self.cfg.pool_size, self.cfg.length, dim, key_dim=dim,
+                          init_scale=self.cfg.prompt_init_scale)
 
     def prompts_for(self, q, batch_size, task, train) -> tuple[LayerPrompts, torch.Tensor | None]:
         cos, idx = select_top_k(q, self.prompt.all_keys()[0], self.cfg.top_k)
+        if self.cfg.batchwise_prompt:
+            idx = batchwise_top_k(idx, self.cfg.pool_size)
         aux = self.cfg.key_loss_weight * key_loss(cos, idx, self.cfg.key_loss_gather) if train else None
         return self.prompt.select(idx), aux

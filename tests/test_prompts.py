@@ -406,3 +406,76 @@ def test_pretraining_classes_are_the_first_100_sorted_wnids(data_root):
 def test_repro_configs_load(path):
     cfg = load_config(path, [])
     assert cfg.strategy.name in ("l2p", "dualprompt", "coda_prompt", "oneprompt") and cfg.model.name == "timm"
+
+
+# ------------------------------------------------------------------------------- JAX-code parity options
+def test_l2p_batchwise_prompt_uses_the_batchs_most_frequent_prompts(tmp_path):
+    from clbench.strategies.l2p import batchwise_top_k
+
+    # per-sample top-2 of pool 6: counts 0:1, 1:3, 2:2, 3:0, 4:2, 5:0 -> {1, then 2 (tie with 4: smaller id)}
+    idx = torch.tensor([[1, 2], [1, 4], [4, 1], [0, 2]])
+    assert batchwise_top_k(idx, 6).tolist() == [[1, 2]] * 4
+    eng = engine(tmp_path, "l2p", "strategy.batchwise_prompt=true")  # pool 6, top-2
+    s = eng.strategy
+    with torch.no_grad():
+        s.prompt.keys[0][0] = torch.eye(32)[:6]  # key m = basis vector m
+    q = torch.stack([torch.eye(32)[0] * 2 + torch.eye(32)[3], torch.eye(32)[3] * 2 + torch.eye(32)[5],
+                     torch.eye(32)[3] * 2 + torch.eye(32)[0]])  # own top-2: {0,3}, {3,5}, {3,0} -> batch: 3, 0
+    prompts, aux = s.prompts_for(q, 3, None, train=True)
+    pool = s.prompt.all_prompts()
+    for b in range(3):
+        torch.testing.assert_close(prompts[0][b], pool[0, [3, 0]])
+    cos = F.normalize(q, dim=1)[:, [3, 0]]
+    assert aux.item() == pytest.approx(float((1 - cos).mean()))  # the pull towards the batch's keys
+    off = engine(tmp_path, "l2p")
+    with torch.no_grad():
+        off.strategy.prompt.keys[0][0] = torch.eye(32)[:6]
+    own, _ = off.strategy.prompts_for(q, 3, None, train=False)
+    torch.testing.assert_close(own[0][1], off.strategy.prompt.all_prompts()[0, [3, 5]])  # default: per sample
+
+
+@pytest.mark.parametrize("strategy", ["l2p", "dualprompt"])
+def test_jax_prompt_init_and_zero_head(tmp_path, strategy):
+    eng = engine(tmp_path, strategy, "strategy.prompt_init_scale=0.01", "strategy.zero_head=true")
+    params = [p.detach() for p in eng.strategy.prompt.parameters()]
+    assert params and all(0 <= float(p.min()) and float(p.max()) <= 0.01 for p in params)
+    assert float(torch.cat([p.flatten() for p in params]).max()) > 0.009  # U(0, 0.01), not smaller
+    assert (eng.model.head.weight == 0).all() and (eng.model.head.bias == 0).all()
+    default = engine(tmp_path, strategy)
+    assert float(torch.cat([p.detach().flatten() for p in default.strategy.prompt.parameters()]).max()) > 0.9  # U(0, 1)
+    assert default.model.head.weight.abs().sum() > 0
+
+
+def test_dualprompt_shared_prompt_pool_copies_previous_e_prompt_once(tmp_path):
+    eng = engine(tmp_path, "dualprompt", "strategy.shared_prompt_pool=true", n_tasks=5)
+    s, ctx = eng.strategy, eng.ctx
+    s.before_experience(eng.stream[0], ctx)
+    initial = s.prompt.e.all_prompts().detach().clone()  # [n_layers, 5, L, D]
+    assert not torch.equal(initial[:, 0], initial[:, 1])
+    s.before_experience(eng.stream[1], ctx)
+    after = s.prompt.e.all_prompts().detach()
+    torch.testing.assert_close(after[:, 1], initial[:, 0])  # task 1 starts from task 0's E-prompt
+    torch.testing.assert_close(after[:, [0, 2, 3, 4]], initial[:, [0, 2, 3, 4]])  # nothing else changes
+    with torch.no_grad():
+        s.prompt.e.prompts[0][:, 1] += 1.0  # "trained" on task 1
+    trained = s.prompt.e.all_prompts().detach().clone()
+    s.before_experience(eng.stream[1], ctx)  # e.g. a resume inside task 1: no second copy
+    torch.testing.assert_close(s.prompt.e.all_prompts().detach(), trained)
+    assert int(eng.model.state_dict()["prompt.transferred"]) == 1  # in the checkpointed model state
+    s.before_experience(eng.stream[2], ctx)
+    torch.testing.assert_close(s.prompt.e.all_prompts().detach()[:, 2], trained[:, 1])
+    off = engine(tmp_path, "dualprompt", n_tasks=5)
+    before = off.strategy.prompt.e.all_prompts().detach().clone()
+    off.strategy.before_experience(off.stream[1], off.ctx)
+    torch.testing.assert_close(off.strategy.prompt.e.all_prompts().detach(), before)  # default: no transfer
+
+
+def test_jax_repro_configs_scale_lr_and_clip():
+    l2p = load_config(REPO / "configs" / "repro" / "l2p_original_imagenet_r.yaml", [])
+    assert l2p.train.lr == pytest.approx(0.03 * 128 / 256) and l2p.train.batch_size == 128
+    assert l2p.train.grad_clip == 1.0 and l2p.strategy.batchwise_prompt and l2p.strategy.zero_head
+    assert l2p.strategy.prompt_init_scale == 0.01
+    dual = load_config(REPO / "configs" / "repro" / "dualprompt_imagenet_r.yaml", [])
+    assert dual.train.lr == pytest.approx(0.005 * 192 / 256) and dual.train.batch_size == 192
+    assert dual.train.grad_clip == 1.0 and dual.strategy.shared_prompt_pool and dual.strategy.zero_head
+    assert dual.strategy.prompt_init_scale == 0.01
