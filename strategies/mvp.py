@@ -55,9 +55,11 @@ Parity flags / choices (defaults = the paper as described in spec §8):
   sample's mass; likewise ``distance / mass[topk]`` is ``[B,B]``); default: each sample's own mass.
 * ``focal_batch_mean`` -- see 3.
 * Initialisation: prompts and keys ``N(0, 1)`` (the code's ``torch.randn``), masks -1.
-* ``gamma`` is 2 as in the paper (spec §8) and in the released trainer: the argparse default is
-  1.0 (commit ``2bb41d5``), but ``methods/mvp.py`` sets ``self.gamma = 2.0`` (with
-  ``alpha = 0.5``, ``margin = 0.5``) in ``MVP.__init__``, overriding it.
+* ``gamma`` is 2 as in the paper (spec §8) and in the released code: at the official commit
+  ``61bd5eb`` (and at ``c90d6d7``) the argparse default is ``--gamma 2.`` in
+  ``configuration/config.py`` and ``methods/mvp.py`` takes it unchanged
+  (``self.gamma = kwargs.get("gamma")``, no override).  The earlier commit ``2bb41d5`` had the
+  default 1.0, also without an override.
 """
 
 from __future__ import annotations
