@@ -53,3 +53,27 @@ def test_agem_projected_step_never_increases_the_memory_loss_to_first_order(tmp_
             assert unchanged
         else:
             assert abs(dot_after) < 1e-5  # projected exactly onto the boundary g~ . g_ref = 0
+
+
+def test_gdumb_memory_is_class_balanced_and_holds_real_samples(tmp_path):
+    """Alg. 1 with k = 50 on 5 x 2 digit classes: after experience t every seen class holds exactly
+    k / |Y| samples (25, 12-13, ...: |Y| = 2, 4, 6, 8, 10), each one a training image of its class."""
+    engine = make_engine(tmp_path, "strategy=gdumb", "strategy.mem_size=50", "strategy.epochs=2", "strategy.batch_size=16")
+    strategy, stream = engine.strategy, engine.stream
+    original = strategy.after_experience
+    counts = []
+
+    def probe(exp, ctx):
+        original(exp, ctx)
+        counts.append(torch.bincount(strategy.memory["y"][strategy.memory["y"] >= 0], minlength=stream.num_classes))
+
+    strategy.after_experience = probe
+    assert engine.run()["status"] == "finished"
+    for t, c in enumerate(counts):
+        seen = torch.cat([stream[j].classes for j in range(t + 1)])
+        assert len(seen) == 2 * (t + 1) and int(c.sum()) == 50 and int(c.sum()) == int(c[seen].sum())
+        assert int(c[seen].min()) >= 50 // len(seen) and int(c[seen].max()) <= -(-50 // len(seen))
+    train = stream.train
+    for x, y in zip(strategy.memory["x"], strategy.memory["y"]):
+        match = (train.x == x).flatten(1).all(1)
+        assert bool(match.any()) and bool((train.y[match] == y).all())

@@ -143,3 +143,19 @@ def test_agem_equals_avalanche_agem(tmp_path):
                                          "strategy.sample_size=100000"], make)
     assert engine.strategy.projections > 10  # the projection did act (else this compares fine-tuning)
     assert_same_weights(engine.model, theirs)
+
+
+def test_gdumb_equals_avalanche_gdumb(tmp_path):
+    from avalanche.training import GDumb
+
+    epochs = 5
+
+    def make(model, optimizer, evaluator):
+        return GDumb(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), mem_size=100_000,
+                     train_mb_size=100_000, train_epochs=epochs, device="cpu", evaluator=evaluator)
+
+    engine, theirs = run_both(tmp_path, ["strategy=gdumb", "strategy.mem_size=100000", "strategy.batch_size=100000",
+                                         f"strategy.epochs={epochs}", f"strategy.lr={LR}", "strategy.momentum=0.0",
+                                         "strategy.weight_decay=0.0", "strategy.grad_clip=null", "strategy.scheduler=none"], make)
+    assert int(engine.strategy.counts.sum()) == engine.stream.train.y.numel()  # the whole stream is in memory
+    assert_same_weights(engine.model, theirs)
