@@ -23,9 +23,14 @@ Both frameworks run back to back in this process on the same:
   evaluates every full test set before training and after each experience (its schedule).
   The JSON counts each framework's evaluated images.
 
-Prints ONE JSON line: both wall times, the speed-up and both accuracy matrices (row k: the
-subset accuracies of tasks 0..k after experience k; they should agree within seed noise --
-on CPU they usually agree exactly).
+A third column runs Avalanche's own training loop again, with ``eval_every=-1`` and
+clbench's evaluator as an Avalanche plugin (``clbench.avalanche.ContinualEvaluationPlugin``,
+every iteration, on the same subsets): what an Avalanche user gains without leaving Avalanche.
+
+Prints ONE JSON line: the three wall times (``clbench_s``, ``avalanche_s``,
+``avalanche_plugin_s``), the speed-ups and the three accuracy matrices (row k: the subset
+accuracies of tasks 0..k after experience k; they should agree within seed noise -- on CPU they
+usually agree exactly).
 
     python benchmarks/vs_avalanche.py --device cuda
     python benchmarks/vs_avalanche.py --device cpu --images-per-class 64 --test-images-per-class 20 --subset-size 40
@@ -55,9 +60,12 @@ from _common import (
 )
 
 
-def avalanche_run(args, cfg, stream, model, timing: bool) -> dict[str, Any]:
+def avalanche_run(args, cfg, stream, model, timing: bool, plugin_dir: str | None = None) -> dict[str, Any]:
     """Avalanche's Naive (fine-tuning) strategy over the same stream; timed from building the
-    benchmark out of prepared tensors to the end of training."""
+    benchmark out of prepared tensors to the end of training.  With ``plugin_dir`` Avalanche does
+    not evaluate (``eval_every=-1``): clbench's :class:`clbench.avalanche.ContinualEvaluationPlugin`
+    does, every iteration, on the same subsets (the benchmark's test stream holds exactly
+    them), writing its clbench run directory under ``plugin_dir``."""
     import torch
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
@@ -121,12 +129,20 @@ def avalanche_run(args, cfg, stream, model, timing: bool) -> dict[str, Any]:
     make = lambda x, y: _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
     bm = benchmark_from_datasets(train=[make(*d) for d in train_sets], test=[make(*d) for d in test_sets])
     plugins = [OrderCheck(expected)] if args.check_order else []
+    clbench_plugin = None
+    if plugin_dir is not None:
+        from clbench.avalanche import ContinualEvaluationPlugin
+
+        clbench_plugin = ContinualEvaluationPlugin(
+            bm.test_stream, every=1, subset_size=0, precision=str(cfg.eval.precision),
+            eval_batch_size=int(cfg.eval.batch_size), seed=cfg.seed, run_dir=f"{plugin_dir}/avalanche_plugin")
+        plugins.append(clbench_plugin)
     strategy = Naive(
         model=wrapped, optimizer=torch.optim.SGD(wrapped.parameters(), lr=args.lr, momentum=0.0, weight_decay=0.0),
         criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size, train_epochs=1,
         eval_mb_size=int(cfg.eval.batch_size), device=args.device, plugins=plugins,
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
-        eval_every=1, peval_mode="iteration",
+        eval_every=-1 if clbench_plugin is not None else 1, peval_mode="iteration",
     )
     original_eval = strategy.eval
 
@@ -147,12 +163,28 @@ def avalanche_run(args, cfg, stream, model, timing: bool) -> dict[str, Any]:
     for k, exp in enumerate(bm.train_stream):
         wrapped.allowed.copy_(stream.class_mask(k)[0].to(wrapped.allowed.device))
         strategy.train(exp, eval_streams=[bm.test_stream[: k + 1]], shuffle=False, num_workers=0)
+        if clbench_plugin is not None:  # its evaluation after the last iteration of experience k: tasks 0..k
+            matrix.append([clbench_plugin.last_periodic[j] for j in range(k + 1)])
+            continue
         last = strategy.evaluator.get_last_metrics()  # its final evaluation of experience k: tasks 0..k
         matrix.append([experience_accuracy(last, j) for j in range(k + 1)])
     sync(args.device)
     wall = time.perf_counter() - t0
+    if clbench_plugin is not None:
+        summary = clbench_plugin.summary()
+        if summary["status"] != "finished":
+            raise SystemExit(f"the plugin's run did not finish: {summary['status']}")
+        evaluated = {"seconds": clbench_plugin.eval_seconds, "periodic_evaluations": summary["iterations"],
+                     "periodic_images": sum(sum(clbench_plugin.evaluator.subset_sizes[: k + 1]) * n
+                                            for k, n in enumerate(iterations_per(bm, args.batch_size))),
+                     "min_acc": summary["min_acc"], "wc_acc": summary["wc_acc"], "n_gaps": summary["n_gaps"]}
     return {"wall_s": wall, "prep_s": prep_s, "eval": evaluated, "matrix": matrix,
             "order_check": ("passed" if plugins[0].ok else "FAILED") if plugins else "not run"}
+
+
+def iterations_per(bm, batch_size: int) -> list[int]:
+    """Training iterations of each experience of the Avalanche benchmark (1 epoch)."""
+    return [-(-len(e.dataset) // batch_size) for e in bm.train_stream]
 
 
 def experience_accuracy(metrics: dict[str, Any], j: int) -> float:
@@ -208,8 +240,11 @@ def main(argv=None) -> None:
         log(f"clbench: {clbench_s:.2f} s (periodic eval {times.periodic.seconds:.2f} s)")
         cl_matrix = [times.last_periodic[k] for k in range(len(stream))]
 
-        av = avalanche_run(args, cfg, stream, initial, timing=not args.no_eval_timing)
+        av = avalanche_run(args, cfg, stream, copy.deepcopy(initial), timing=not args.no_eval_timing)
         log(f"avalanche: {av['wall_s']:.2f} s (eval {av['eval']['seconds']:.2f} s), order check {av['order_check']}")
+        pl = avalanche_run(args, cfg, stream, initial, timing=False, plugin_dir=out)
+        log(f"avalanche + clbench plugin: {pl['wall_s']:.2f} s (eval {pl['eval']['seconds']:.2f} s), "
+            f"order check {pl['order_check']}")
 
     diffs = [abs(a - b) for ra, rb in zip(cl_matrix, av["matrix"]) for a, b in zip(ra, rb)]
     n_iter = summary["iterations"]
@@ -232,19 +267,28 @@ def main(argv=None) -> None:
         "clbench_s": round(clbench_s, 3),
         "avalanche_s": round(av["wall_s"], 3),
         "speedup": round(av["wall_s"] / clbench_s, 2),
+        "avalanche_plugin_s": round(pl["wall_s"], 3),
+        "plugin_speedup": round(av["wall_s"] / pl["wall_s"], 2),
         "clbench_matrix": [[round(a, 4) for a in row] for row in cl_matrix],
         "avalanche_matrix": [[round(a, 4) for a in row] for row in av["matrix"]],
+        "avalanche_plugin_matrix": [[round(a, 4) for a in row] for row in pl["matrix"]],
         "max_abs_diff": round(max(diffs), 4),
+        "plugin_max_abs_diff": round(max(abs(a - b) for ra, rb in zip(pl["matrix"], av["matrix"]) for a, b in zip(ra, rb)), 4),
         "clbench_eval": cl_eval,
         "avalanche_eval": {k: round(v, 4) if isinstance(v, float) else v for k, v in av["eval"].items()},
+        "avalanche_plugin_eval": {k: round(v, 4) if isinstance(v, float) else v for k, v in pl["eval"].items()},
         "clbench_setup_s": round(setup_s, 3),
         "avalanche_data_prep_s": round(av["prep_s"], 3),
         "clbench_full_test_matrix": [[round(a, 4) if a is not None else None for a in row] for row in summary["matrix"]],
         "order_check": av["order_check"],
+        "plugin_order_check": pl["order_check"],
         "notes": "matrices: row k = accuracy on the eval subsets of tasks 0..k after experience k. clbench_s includes "
                  "Engine construction (stream on device, eval subsets) and its full-test passes (clbench_eval.full_test); "
                  "avalanche_s starts from prepared normalised tensors (avalanche_data_prep_s excluded) and includes its "
-                 "extra eval passes before and after each experience",
+                 "extra eval passes before and after each experience. avalanche_plugin_s: the same Avalanche training loop "
+                 "with eval_every=-1 plus clbench.avalanche.ContinualEvaluationPlugin (every=1, the same subsets, "
+                 "eval.precision, JSONL + TensorBoard run directory, full-test passes and the untrained baseline); "
+                 "plugin_speedup = avalanche_s / avalanche_plugin_s",
     })
 
 

@@ -193,6 +193,7 @@ class ContinualEvaluationPlugin(SupervisedPlugin):
         self.experiences_done = 0
         self.status: str | None = None
         self.eval_seconds = 0.0
+        self.last_periodic: dict[int, float] = {}  # accuracies of the last periodic evaluation, by experience
 
     # ---------------------------------------------------------------- set-up
     def _setup(self, strategy: Any) -> None:
@@ -309,6 +310,7 @@ class ContinualEvaluationPlugin(SupervisedPlugin):
         t = time.perf_counter()
         metrics = self.evaluator.periodic(self.iteration, self._experience(strategy) + 1)
         self.eval_seconds += time.perf_counter() - t
+        self.last_periodic = {int(key.rsplit("_", 1)[1]): v for key, v in metrics.items() if key.startswith("eval/acc/task_")}
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.iteration, "eval")
         self._publish(strategy, {key: v for key, v in metrics.items() if key != "eval/period"})

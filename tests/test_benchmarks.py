@@ -97,6 +97,11 @@ def test_vs_avalanche_quick(outputs):
     assert r["clbench_eval"]["periodic"]["calls"] == w["iterations"]
     assert r["avalanche_eval"]["calls"] == w["iterations"] + 2 * w["experiences"]  # + before/after each experience
     assert _positive(r["avalanche_eval"]["images"]) and _positive(r["clbench_eval"]["periodic"]["images"])
+    # third column: Avalanche's loop + clbench.avalanche.ContinualEvaluationPlugin on the same subsets
+    assert _positive(r["avalanche_plugin_s"]) and r["plugin_order_check"] == "passed"
+    assert math.isclose(r["plugin_speedup"], r["avalanche_s"] / r["avalanche_plugin_s"], rel_tol=0.01, abs_tol=0.01)
+    assert [len(row) for row in r["avalanche_plugin_matrix"]] == [1, 2, 3, 4, 5] and r["plugin_max_abs_diff"] <= 0.05
+    assert r["avalanche_plugin_eval"]["periodic_evaluations"] == w["iterations"]
 
 
 def test_si_blurry_mvp_quick(outputs):
