@@ -77,3 +77,16 @@ def test_gdumb_memory_is_class_balanced_and_holds_real_samples(tmp_path):
     for x, y in zip(strategy.memory["x"], strategy.memory["y"]):
         match = (train.x == x).flatten(1).all(1)
         assert bool(match.any()) and bool((train.y[match] == y).all())
+
+
+def test_icarl_nearest_mean_of_exemplars_beats_its_own_linear_head(tmp_path):
+    """iCaRL's finding (Rebuffi et al. 2017, Sec. 4.1 / Fig. 4): in class-IL the NME classifier on
+    the exemplar means is more accurate over all classes than the network's own biased linear head."""
+    engine = make_engine(tmp_path, "strategy=icarl", "strategy.memory_size=100", "train.epochs=3", "train.lr=0.5")
+    assert engine.run()["status"] == "finished"
+    strategy, stream = engine.strategy, engine.stream
+    assert sorted(strategy.exemplars) == list(range(10)) and all(len(v) == 10 for v in strategy.exemplars.values())
+    x = engine.ctx.inputs(stream.test.x)
+    nme = (strategy.predict(x).argmax(1) == stream.test.y).float().mean()
+    head = (strategy.head_predict(x).argmax(1) == stream.test.y).float().mean()
+    assert nme > head + 0.05, (float(nme), float(head))
