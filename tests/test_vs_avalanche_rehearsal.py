@@ -1,4 +1,4 @@
-"""clbench's rehearsal baselines against avalanche-lib 0.6's (issue 15, section 3): A-GEM, GDumb.
+"""clbench's rehearsal baselines against avalanche-lib 0.6's (issue 15, section 3): A-GEM, GDumb (iCaRL: not yet).
 
 Both frameworks train on the same tiny stream (the built-in digits, class-IL, 5 x 2 classes), from
 the same initial weights (Avalanche trains a deep copy of clbench's freshly built model), on the
