@@ -139,3 +139,18 @@ def test_plugin_rejects_unknown_options():
         ContinualEvaluationPlugin([], windowz=[10])
     with pytest.raises(ClbenchError, match="every"):
         ContinualEvaluationPlugin([], every=-3)
+
+
+def test_example_avalanche_plugin_runs(tmp_path):
+    """examples/avalanche_plugin.py: Avalanche's SplitMNIST from a temporary torchvision layout
+    (no download), Naive + the plugin, a finished clbench run directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "avalanche_plugin.py"), "--mnist", str(MNIST),
+                          "--out", str(tmp_path / "runs"), "--device", "cpu", "--train-per-experience", "256"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["experiences_done"] == 5 and summary["iterations"] == 10
+    assert len(summary["matrix"]) == 5 and summary["min_acc"] is not None
+    assert "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000" in out.stdout
