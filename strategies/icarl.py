@@ -10,7 +10,8 @@ Lampert, CVPR 2017, Alg. 1-5).
 * Exemplars (Alg. 4, herding): for each new class, with L2-normalised features phi and class mean
   mu, the k-th exemplar is ``argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||``, without
   repetition, m = ``memory_size // |seen classes|`` of them; old classes keep their first m
-  (Alg. 5, ``ReduceExemplarSet``).
+  (Alg. 5, ``ReduceExemplarSet``).  ``herding_repeats=true``: the original code's reading (as
+  Avalanche's ``ICaRL``), where a sample already picked may win the argmin again.
 * Classifier (Alg. 1, nearest mean of exemplars): ``y* = argmin_y || phi(x) - mu_y ||`` with
   ``mu_y`` the normalised mean of the normalised exemplar features of class y, recomputed after
   every experience; ``predict`` returns ``-|| phi(x) - mu_y ||`` (-inf for classes without
@@ -42,13 +43,27 @@ class ICaRLConfig(StrategyConfig):
     name: str = "icarl"
     memory_size: int = bounded(2000, ge=1)  # K: exemplars over all classes (paper: 2000)
     feature_batch_size: int = bounded(256, ge=1)  # batch of the feature passes (herding, means)
+    # parity with the original iCaRL code and Avalanche's ICaRL: the argmin runs over all the
+    # class's samples, a repeated pick is not stored again but still enters the running sum (Alg. 4
+    # read literally), until m distinct exemplars (at most 1000 steps).  Default: without repetition.
+    herding_repeats: bool = False
 
 
-def herding(feats: torch.Tensor, m: int) -> torch.Tensor:
-    """Alg. 4: positions of ``m`` exemplars of one class (``feats``: its normalised features)."""
+def herding(feats: torch.Tensor, m: int, repeats: bool = False) -> torch.Tensor:
+    """Alg. 4: positions of ``m`` exemplars of one class (``feats``: its normalised features).
+    ``repeats``: see ``ICaRLConfig.herding_repeats``."""
     mu = feats.mean(0)
     chosen: list[int] = []
     total = torch.zeros_like(mu)
+    if repeats:
+        m, k = min(m, feats.shape[0]), 0
+        while len(chosen) < m and k < 1000:
+            k += 1
+            i = int((mu - (feats + total) / k).norm(dim=1).argmin())
+            if i not in chosen:
+                chosen.append(i)
+            total += feats[i]
+        return torch.tensor(chosen, dtype=torch.long)
     available = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
     for k in range(1, min(m, feats.shape[0]) + 1):
         dist = (mu - (feats + total) / k).norm(dim=1).masked_fill(~available, float("inf"))
@@ -99,7 +114,7 @@ class ICaRL(Strategy):
         feats, labels = self._features(exp.train_idx, ctx)
         for c in exp.classes.tolist():
             rows = (labels == c).nonzero().flatten()
-            self.exemplars[c] = exp.train_idx.cpu()[rows.cpu()][herding(feats[rows], m)]
+            self.exemplars[c] = exp.train_idx.cpu()[rows.cpu()][herding(feats[rows], m, self.cfg.herding_repeats)]
         for c, idx in self.exemplars.items():  # Alg. 2: means of the exemplars
             f, _ = self._features(idx, ctx)
             self.class_means.mu[c] = F.normalize(f.mean(0), dim=0)

@@ -159,3 +159,135 @@ def test_gdumb_equals_avalanche_gdumb(tmp_path):
                                          "strategy.weight_decay=0.0", "strategy.grad_clip=null", "strategy.scheduler=none"], make)
     assert int(engine.strategy.counts.sum()) == engine.stream.train.y.numel()  # the whole stream is in memory
     assert_same_weights(engine.model, theirs)
+
+
+ICARL_K = 120  # exemplars: 60, 30, 20, 15, 12 per class after 2, 4, ..., 10 classes (K divisible: floor = ceil)
+
+
+def _icarl_avalanche(engine: Engine, initial: nn.Module):
+    """Avalanche's ICaRL trained on clbench's stream as described in the module docstring; returns the strategy."""
+    from avalanche.training import ICaRL
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.supervised.icarl import _ICaRLPlugin
+    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+
+    stream, cfg, ours = engine.stream, engine.cfg, engine.strategy
+    # flat inputs: the MLP's Flatten is then the identity, and Avalanche's class means do not add
+    # the horizontally flipped images (they do for 4-d inputs; clbench's NME does not)
+    train_x = engine.ctx.inputs(stream.train.x).flatten(1)
+    feature_extractor = copy.deepcopy(initial.backbone)
+    classifier = SeenClasses(copy.deepcopy(initial.head))
+    params = list(feature_extractor.parameters()) + list(classifier.parameters())
+    strategy = ICaRL(feature_extractor=feature_extractor, classifier=classifier, optimizer=torch.optim.SGD(params, lr=LR),
+                     memory_size=ICARL_K, buffer_transform=None, fixed_memory=True, train_mb_size=BATCH, train_epochs=1,
+                     eval_mb_size=1000, device="cpu", evaluator=EvaluationPlugin(loggers=[]))
+    plugin = next(p for p in strategy.plugins if isinstance(p, _ICaRLPlugin))
+    from avalanche.training.losses import ICaRLLossPlugin
+
+    loss_plugin = next(p for p in strategy.plugins if isinstance(p, ICaRLLossPlugin))
+
+    def seen_mean_bce(pred, target):  # clbench's average over the seen classes (see the docstring)
+        return nn.functional.binary_cross_entropy(pred, target, reduction="sum") / (pred.shape[0] * int(SeenClasses.allowed.sum()))
+
+    loss_plugin.criterion = seen_mean_bce
+    def replay_in_clbench_order(self, strategy, **kwargs):
+        """The training set = the experience plus Avalanche's own exemplars, in clbench's batch order."""
+        k = strategy.clock.train_exp_counter
+        exp = stream[k]
+        order = torch.cat([idx for idx, _ in batch_schedule(*_icarl_samples(ours, k, exp), cfg, k)])
+        memory = torch.cat(self.x_memory) if self.x_memory else train_x[:0]
+        rows = []
+        new = set(exp.train_idx.tolist())
+        for i in order.tolist():
+            if i in new:
+                rows.append(train_x[i])
+            else:  # this exemplar must be in Avalanche's memory
+                hit = (memory == train_x[i]).all(1).nonzero()
+                assert hit.numel(), f"experience {k}: clbench's exemplar {i} is not in Avalanche's memory"
+                rows.append(memory[int(hit[0])])
+        y = stream.train.y[order]
+        strategy.adapted_dataset = _make_taskaware_tensor_classification_dataset(torch.stack(rows), y, targets=y, task_labels=0)
+
+    plugin.after_train_dataset_adaptation = replay_in_clbench_order.__get__(plugin)
+    return strategy, plugin, train_x
+
+
+def _icarl_samples(ours, k, exp):
+    """The (indices, experience-of-each) clbench trained on in experience ``k`` (its exemplars then)."""
+    from clbench.engine import training_samples
+
+    exemplars = _ICARL_MEMORY[k]
+    exps = [exp] if not exemplars else [exp, type(exp)(exp.index, exp.task_id, exp.classes,
+                                                        torch.cat([exemplars[c] for c in sorted(exemplars)]), exp.train_idx[:0])]
+    idx, which, _ = training_samples(exps)
+    return idx, which
+
+
+_ICARL_MEMORY: dict[int, dict[int, torch.Tensor]] = {}  # clbench's exemplars before experience k
+
+
+def test_icarl_equals_avalanche_icarl(tmp_path):
+    """iCaRL (see the module docstring): equal exemplar sets, weights and NME scores."""
+    from clbench.strategies import icarl as icarl_module
+
+    _ICARL_MEMORY.clear()
+    orig_before = icarl_module.ICaRL.training_experiences
+
+    def record(self, exp, ctx):  # clbench's memory when each experience starts
+        _ICARL_MEMORY[exp.index] = {c: v.clone() for c, v in self.exemplars.items()}
+        return orig_before(self, exp, ctx)
+
+    icarl_module.ICaRL.training_experiences = record
+    try:
+        engine, initial = clbench_run(tmp_path, "strategy=icarl", f"strategy.memory_size={ICARL_K}",
+                                      "strategy.herding_repeats=true")
+    finally:
+        icarl_module.ICaRL.training_experiences = orig_before
+    ours = engine.strategy
+    strategy, plugin, train_x = _icarl_avalanche(engine, initial)
+    av_stream = avalanche_stream_for_icarl(engine, train_x)
+    for k, exp in enumerate(av_stream):
+        SeenClasses.allowed = engine.stream.class_mask(k)[0].clone()
+        strategy.train(exp, shuffle=False, num_workers=0)
+    # 1. the same exemplars (by content: Avalanche keeps tensors, clbench indices)
+    y_mem = [ys[0] for ys in plugin.y_memory]
+    assert sorted(y_mem) == sorted(ours.exemplars)
+    for xs, c in zip(plugin.x_memory, y_mem):
+        theirs = {tuple(r.tolist()) for r in xs}
+        mine = {tuple(r.tolist()) for r in train_x[ours.exemplars[c]]}
+        assert theirs == mine, f"class {c}: exemplar sets differ"
+    # 2. the same weights
+    model = strategy.model
+    assert_same_weights(engine.model.backbone, model.feature_extractor)
+    assert_same_weights(engine.model.head, model.train_classifier.model)
+    # 3. the same class means and NME scores on the test set (over the classes seen)
+    x_test = engine.ctx.inputs(engine.stream.test.x)
+    model.eval()
+    with torch.no_grad():
+        theirs = model(x_test.flatten(1))
+    mine = ours.predict(x_test)
+    valid = ours.class_means.valid
+    assert bool(valid.all())
+    torch.testing.assert_close(model.eval_classifier.class_means, ours.class_means.mu, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs[:, valid], mine[:, valid], atol=1e-5, rtol=1e-4)
+    assert (theirs.argmax(1) != mine.argmax(1)).sum() <= 1  # (a near-tie may flip)
+
+
+def avalanche_stream_for_icarl(engine: Engine, train_x: torch.Tensor):
+    """Each experience's new samples (flat inputs), in index order (herding only looks at them)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+
+    stream = engine.stream
+    sets = []
+    for exp in stream:
+        idx = exp.train_idx.cpu()
+        sets.append(_make_taskaware_tensor_classification_dataset(train_x[idx], stream.train.y[idx], targets=stream.train.y[idx], task_labels=0))
+    bm = benchmark_from_datasets(train=sets, test=sets[:1])
+    classes = [exp.classes.tolist() for exp in stream]
+    bm.n_classes_per_exp = [len(c) for c in classes]
+    bm.classes_order = [c for cs in classes for c in cs]
+    exps = list(bm.train_stream)
+    for exp in exps:  # what Avalanche's iCaRL reads (class-incremental benchmarks have it)
+        exp.benchmark = bm
+    return exps
