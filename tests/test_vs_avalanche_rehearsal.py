@@ -1,4 +1,4 @@
-"""clbench's rehearsal baselines against avalanche-lib 0.6's (issue 15, section 3): A-GEM, GDumb (iCaRL: not yet).
+"""clbench's rehearsal baselines against avalanche-lib 0.6's (issue 15, section 3): A-GEM, GDumb, iCaRL.
 
 Both frameworks train on the same tiny stream (the built-in digits, class-IL, 5 x 2 classes), from
 the same initial weights (Avalanche trains a deep copy of clbench's freshly built model), on the
@@ -24,6 +24,33 @@ Where the methods draw random memory samples, the randomness is factored out:
   Avalanche trains the re-initialised model inside the experience's own loop with the strategy's
   optimiser; clbench at the experience's end with its own (``strategy.lr``, ``strategy.epochs``);
   set equal here, with momentum, weight decay, clipping and the SGDR schedule off.
+* iCaRL: Avalanche's ``ICaRL`` gets clbench's model split in two -- ``feature_extractor`` = a copy
+  of the initial ``backbone``, ``classifier`` = its ``head`` (wrapped to mask unseen classes) -- and
+  flat inputs (the MLP's ``Flatten`` is then the identity).  Herding is deterministic given the
+  features, so nothing is drawn; what is factored out or aligned:
+
+  - herding: the original iCaRL code (Avalanche) lets a sample already picked win the argmin again
+    (it is not stored twice, but enters the running sum, until m distinct ones); clbench by
+    default picks without repetition (the exemplar sets then differ once m is a sizeable part of
+    the class: here from the first experience, m = 60), so
+    clbench runs with its parity option ``strategy.herding_repeats=true``;
+  - memory per class: Avalanche ``ceil(K / seen)``, clbench ``K // seen`` (and both keep the first
+    m in herding order when reducing, Alg. 5): K = 120 is divisible by 2, 4, ..., 10 seen classes;
+  - BCE: Avalanche averages over *all* the head's classes and pushes the logits of classes not
+    seen yet towards 0; clbench over the seen classes only (unseen logits untouched).  With the
+    unseen logits at -inf their terms and gradients vanish, and Avalanche's ``ICaRLLossPlugin``
+    ``criterion`` is set to the sum over batch and classes divided by ``batch x seen``.  Targets
+    (one-hot; the previous model's sigmoids on the old classes) are built the same way;
+  - training order: Avalanche appends its memory after the experience; its training set is
+    replaced by the experience plus *its own* exemplars (looked up by content; each must be there)
+    in the order of clbench's batch schedule over experience + exemplars;
+  - class means: Avalanche averages with the flipped images' features for 4-d inputs (flat inputs
+    here, so it does not); both normalise features, average, normalise the mean.  Avalanche's NCM
+    gives classes without a mean a zero vector (distance 1, so it can predict a class never
+    seen), clbench -inf: scores are compared on classes with a mean (all, at the end).
+
+  Asserted: equal exemplar sets and herding orders per class, then equal weights (``atol=1e-5``),
+  class means and NME scores on the test set (``atol=1e-5``; argmax differing on <= 1 sample).
 """
 
 from __future__ import annotations
@@ -252,10 +279,11 @@ def test_icarl_equals_avalanche_icarl(tmp_path):
     # 1. the same exemplars (by content: Avalanche keeps tensors, clbench indices)
     y_mem = [ys[0] for ys in plugin.y_memory]
     assert sorted(y_mem) == sorted(ours.exemplars)
-    for xs, c in zip(plugin.x_memory, y_mem):
+    for xs, rank, c in zip(plugin.x_memory, plugin.order, y_mem):
         theirs = {tuple(r.tolist()) for r in xs}
         mine = {tuple(r.tolist()) for r in train_x[ours.exemplars[c]]}
         assert theirs == mine, f"class {c}: exemplar sets differ"
+        assert torch.equal(xs[rank.argsort()], train_x[ours.exemplars[c]]), f"class {c}: herding orders differ"
     # 2. the same weights
     model = strategy.model
     assert_same_weights(engine.model.backbone, model.feature_extractor)
