@@ -10,8 +10,12 @@ Each experience's train and test sets are materialised once, with the benchmark'
 transform (train-time augmentation is clbench's ``train.augment``; a random train transform of
 the benchmark is replaced, with a warning).  Avalanche's experience order, class order
 (``benchmark.classes_order`` when it has one, else first appearance) and task labels are
-kept; the sample order inside an experience is Avalanche's.  Images are stored as clbench's
-uint8 tensors whenever that is lossless:
+kept.  Inside an experience the samples are listed in the order of the dataset they come from
+(as clbench's own scenarios list them; Avalanche groups them by class), found by following the
+benchmark's subset/concatenation indices down to the source dataset; where that cannot be traced
+(a dataset type clbench does not know) Avalanche's order is kept.  So a seeded run over an
+Avalanche Split MNIST sees the same batches as over clbench's ``class_incremental`` with the same
+class order.  Images are stored as clbench's uint8 tensors whenever that is lossless:
 
 * uint8 inputs are kept as they are;
 * float inputs ending in a ``Normalize(mean, std)`` of ``[0, 1]`` pixels are un-normalised to
@@ -199,12 +203,15 @@ def _experiences(stream: Any, split: str) -> list[Any]:
 
 
 def _materialise(exp: Any, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x, y, t)`` of one experience under its eval transform, in Avalanche's sample order."""
+    """``(x, y, t)`` of one experience under its eval transform, in source-dataset order (see
+    :func:`source_order`)."""
     where = f"{split} experience {getattr(exp, 'current_experience', '?')}"
     dataset = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
+    order = source_order(dataset)
+    order = order.tolist() if order is not None else list(range(len(dataset)))
     xs, ys, ts = [], [], []
     for i in range(0, len(dataset), batch_size):
-        items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        items = [dataset[j] for j in order[i:i + batch_size]]
         for j, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise ClbenchError(f"{where}, sample {i + j}: expected (x, y[, task]), got {type(item).__name__}")
@@ -221,6 +228,60 @@ def _materialise(exp: Any, split: str, batch_size: int) -> tuple[torch.Tensor, t
     if not xs:
         raise ClbenchError(f"{where} is empty")
     return torch.cat(xs), torch.cat(ys), torch.cat(ts)
+
+
+def source_order(dataset: Any) -> Optional[torch.Tensor]:
+    """The permutation of ``dataset``'s positions that lists its samples in the order of the
+    dataset(s) they come from (by source dataset in order of first use, then by position in it),
+    or None when the subset/concatenation structure cannot be traced (then Avalanche's order is kept).
+
+    Follows Avalanche's ``_flat_data`` (subset ``_indices`` over concatenated ``_datasets``),
+    ``torch.utils.data.Subset`` and ``ConcatDataset`` down to the leaf datasets."""
+    n = len(dataset)
+    if n == 0:
+        return None
+    traced = _trace(dataset, torch.arange(n), {}, 0)
+    if traced is None:
+        return None
+    leaf, pos = traced
+    key = leaf * (int(pos.max()) + 1) + pos
+    if key.unique().numel() != n:  # a sample used twice: no single source order
+        return None
+    return key.argsort()
+
+
+def _trace(ds: Any, idx: torch.Tensor, leaves: dict[int, int], depth: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(leaf rank, position in that leaf)`` of the samples ``idx`` of ``ds``, or None."""
+    if depth > 100:
+        return None
+    flat = getattr(ds, "_flat_data", None)  # an AvalancheDataset: its data is a FlatData
+    if flat is not None and flat is not ds:
+        return _trace(flat, idx, leaves, depth + 1)
+    if isinstance(ds, torch.utils.data.Subset):
+        return _trace(ds.dataset, torch.as_tensor(list(ds.indices), dtype=torch.int64)[idx], leaves, depth + 1)
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        subs, indices = list(ds.datasets), None
+    elif hasattr(ds, "_datasets") and hasattr(ds, "_indices"):  # Avalanche's FlatData
+        subs, indices = list(ds._datasets), ds._indices
+    elif hasattr(ds, "_datasets") or hasattr(ds, "datasets") or hasattr(ds, "_indices") or hasattr(ds, "indices"):
+        return None  # some other composite: its order cannot be traced safely
+    else:  # a leaf: a torchvision or user dataset
+        rank = leaves.setdefault(id(ds), len(leaves))
+        return torch.full_like(idx, rank), idx
+    if indices is not None:
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)[idx]
+    ends = torch.tensor([len(d) for d in subs], dtype=torch.int64).cumsum(0)
+    if idx.numel() and int(idx.max()) >= int(ends[-1]):
+        return None
+    which = torch.bucketize(idx, ends, right=True)
+    leaf, pos = torch.empty_like(idx), torch.empty_like(idx)
+    for j in which.unique().tolist():
+        sel = which == j
+        inner = _trace(subs[j], idx[sel] - (int(ends[j - 1]) if j else 0), leaves, depth + 1)
+        if inner is None:
+            return None
+        leaf[sel], pos[sel] = inner
+    return leaf, pos
 
 
 def _as_chw(x: torch.Tensor) -> torch.Tensor:
@@ -347,4 +408,4 @@ def _whole_bytes(p: torch.Tensor) -> bool:
     return bool(((p - p.round()).abs().max() < 2e-3) and p.min() > -0.5 and p.max() < 255.5)
 
 
-__all__ = ["AvalancheConfig", "load_benchmark", "register_benchmark", "stream_from_avalanche"]
+__all__ = ["AvalancheConfig", "load_benchmark", "register_benchmark", "source_order", "stream_from_avalanche"]
