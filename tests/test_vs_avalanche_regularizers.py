@@ -16,8 +16,8 @@ Where clbench follows the paper and Avalanche does not, the parity switches of c
   squares *mini-batch* gradients, computed with ``train_mb_size``; at batch size 1 that is the
   per-sample empirical Fisher, clbench's ``fisher: sample`` -- compared exactly at batch size 1.
   Avalanche regularises every parameter: ``params: all``; online mode with decay 1 = ``gamma: 1``.
-* SI (xfail, strict: Avalanche 0.6's plugin measured to leave training bit-identical to Naive here,
-  still to be explained): Avalanche's penalty is ``si_lambda / 2 * sum Omega (theta - theta*)^2`` (clbench, Zenke Eq. 4:
+* SI (Avalanche 0.6's plugin aliases its stored weights to the live parameters on CPU, so unpatched
+  it trains exactly like Naive; the test patches ``extract_weights`` to copy): Avalanche's penalty is ``si_lambda / 2 * sum Omega (theta - theta*)^2`` (clbench, Zenke Eq. 4:
   ``c * ...``): c = si_lambda / 2.  Avalanche integrates the *total* gradient (penalty included;
   the paper's code: the task loss's only) -> ``path_grad: total``; it clips Omega at 0.001 ->
   ``importance_clip: 0.001``; its damping ``eps`` is the paper's xi.
@@ -149,16 +149,24 @@ def test_ewc_equals_avalanche_at_batch_size_1(tmp_path):
     check(ours, theirs, finetune, 1e-2)
 
 
-@pytest.mark.xfail(strict=True, reason="avalanche 0.6's SynapticIntelligencePlugin leaves training identical to Naive "
-                   "in this setup (measured: weights bit-identical to fine-tuning), so there is nothing to match yet")
-def test_si_equals_avalanche_with_parity_switches(tmp_path):
+def test_si_equals_avalanche_with_parity_switches(tmp_path, monkeypatch):
+    """Avalanche 0.6's plugin stores ``param.detach().cpu().flatten()`` as the anchor and as the
+    before/after-step weights (``extract_weights``): on CPU ``.cpu()`` is a no-op and ``flatten()`` a
+    view, so all three alias the live parameter -> theta - theta* == 0 (no penalty) and
+    new - old == 0 (no path integral): training is bit-identical to Naive (on CUDA ``.cpu()`` copies
+    and the plugin works).  Patched here to copy (``.clone()``), the plugin's intent."""
     from avalanche.training.plugins import SynapticIntelligencePlugin
 
+    def extract_weights(model, target, excluded_parameters):
+        for name, param in SynapticIntelligencePlugin.allowed_parameters(model, excluded_parameters):
+            target[name].data = param.detach().cpu().flatten().clone()
+
+    monkeypatch.setattr(SynapticIntelligencePlugin, "extract_weights", staticmethod(extract_weights))
     si_lambda, xi = 20.0, 1e-3
     ours, theirs, finetune = run_both(tmp_path, ["strategy=si", f"strategy.c={si_lambda / 2}", f"strategy.xi={xi}",
                                                  "strategy.path_grad=total", "strategy.importance_clip=0.001"],
                                       lambda: SynapticIntelligencePlugin(si_lambda, eps=xi), batch_size=16, classes=4)
-    assert max_diff(theirs, finetune) > 0  # fails today: Avalanche's SI changed nothing
+    assert max_diff(theirs, finetune) > 0
     check(ours, theirs, finetune, 1e-3)
 
 
