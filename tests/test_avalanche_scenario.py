@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,13 @@ def test_unmappable_benchmarks_are_refused():
         stream_from_avalanche(online)
     with pytest.raises(ClbenchError, match="cannot import"):
         build_stream(load_config(None, ["scenario=avalanche", "scenario.benchmark=nowhere.Bench"]).scenario, 0)
+
+
+def test_example_avalanche_benchmark_runs(tmp_path, monkeypatch, capsys):
+    """examples/avalanche_benchmark.py: an Avalanche benchmark from tensors, run by clbench offline."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "avalanche_benchmark.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--out", str(tmp_path), "--per-class", "12", "--iterations", "5"])
+    runpy.run_path(str(example), run_name="__main__")  # in-process: the imports are already paid for
+    printed = capsys.readouterr().out
+    assert "Experience(4, task=0, classes=[8, 9], train=24, test=8)" in printed and "ACC " in printed
+    assert next(tmp_path.glob("*/summary.json")).is_file()
