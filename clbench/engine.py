@@ -332,6 +332,7 @@ class Engine:
         exp = stream[k]
         ctx.experience = k
         ctx.class_mask = stream.class_mask(k).to(self.device)
+        self._restore_strategy_early()
         train_exps = self.strategy.training_experiences(exp, ctx)
         sample_idx, sample_exp, task_ids = training_samples(train_exps, stream.train.x.device)
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
@@ -395,6 +396,13 @@ class Engine:
             self._restore(self._checkpoint, optimizer=True)
         self._checkpoint = None
 
+    def _restore_strategy_early(self) -> None:
+        """Mid-experience resume: the strategy's state (e.g. iCaRL's exemplars) must be back
+        before ``training_experiences`` picks this experience's training data; the full restore
+        (model, optimiser, trackers) still follows the experience's own set-up."""
+        if self._checkpoint is not None:
+            self.strategy.load_state_dict(self._checkpoint["strategy"])
+
     def _new_optimizer(self, groups: list[dict[str, Any]]) -> None:
         """A fresh optimiser; after a resume at a boundary with ``train.reset_optimizer=false`` it
         takes the checkpoint's state (as the uninterrupted run keeps its optimiser)."""
@@ -410,6 +418,7 @@ class Engine:
         ctx.experience = k
         allowed = stream.class_mask(k).to(self.device)  # what the protocol allows (task-IL: the task's classes)
         ctx.class_mask = allowed & self.exposed
+        self._restore_strategy_early()
         train_exps = self.strategy.training_experiences(exp, ctx)
         sample_idx, sample_exp, task_ids = training_samples(train_exps, stream.train.x.device)
         bs, reps, period = cfg.train.batch_size, cfg.train.online_iter, cfg.eval.every_samples

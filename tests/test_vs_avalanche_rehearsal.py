@@ -322,11 +322,6 @@ def avalanche_stream_for_icarl(engine: Engine, train_x: torch.Tensor):
     return exps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: Engine._train_experience calls strategy.training_experiences() before _prepare_experience "
-    "restores the mid-experience checkpoint, so a resumed iCaRL (whose training set = experience + its exemplars) "
-    "draws its schedule with no exemplars; restoring the strategy state first "
-    "(self.strategy.load_state_dict(self._checkpoint['strategy']) when self._checkpoint is set) makes it pass"))
 def test_icarl_resumed_mid_experience_equals_uninterrupted(tmp_path):
     """An iCaRL run stopped in its third experience (after a checkpoint mid-experience, so exemplars,
     class means and the previous model come from the checkpoint) and resumed ends as the
