@@ -97,13 +97,23 @@ def _metrics(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "run_dir"}
 
 
+def _torchvision_layout(idx_dir: Path, root: Path, folder: str) -> Path:
+    """``root/<folder>/raw/<idx files>`` decompressed (torchvision's layout): no download is attempted."""
+    (root / folder / "raw").mkdir(parents=True, exist_ok=True)
+    for f in idx_dir.glob("*.gz"):
+        with gzip.open(f) as src, open(root / folder / "raw" / f.name[:-3], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
+
+
+def _strided(stream, n: int) -> list:
+    """About ``n`` samples of every experience, spread over all its classes (Avalanche groups them by class)."""
+    return [e.dataset.subset(range(0, len(e.dataset), max(len(e.dataset) // n, 1))) for e in stream]
+
+
 @needs_mnist
 def test_real_split_mnist_factory_offline(tmp_path):
-    root = tmp_path / "tv"
-    (root / "MNIST" / "raw").mkdir(parents=True)
-    for f in MNIST.glob("*.gz"):  # torchvision's layout, decompressed: no download is attempted
-        with gzip.open(f) as src, open(root / "MNIST" / "raw" / f.name[:-3], "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    root = _torchvision_layout(MNIST, tmp_path / "tv", "MNIST")
     cfg = load_config(None, ["scenario=avalanche", "scenario.benchmark=avalanche.benchmarks.classic.SplitMNIST",
                              f"scenario.dataset_root={root}", "scenario.kwargs={n_experiences: 5, seed: 0}"])
     stream = build_stream(cfg.scenario, 0)
@@ -113,6 +123,41 @@ def test_real_split_mnist_factory_offline(tmp_path):
     first = torch.tensor(stream.class_order[:2])
     assert sorted(_hashes(stream.train.x[stream[0].train_idx])) == sorted(_hashes(full.train.x[torch.isin(full.train.y, first)]))
     assert stream.train.y[stream[0].train_idx].unique().tolist() == [0, 1]
+
+
+@needs_mnist
+def test_permuted_mnist_offline_is_domain_incremental(tmp_path):
+    from avalanche.benchmarks.classic import PermutedMNIST
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    bm = PermutedMNIST(n_experiences=2, seed=0, dataset_root=str(_torchvision_layout(MNIST, tmp_path / "tv", "MNIST")))
+    # subsampled (the same source images in both experiences) to keep the test short
+    s = stream_from_avalanche(benchmark_from_datasets(train=_strided(bm.train_stream, 200), test=_strided(bm.test_stream, 50)))
+    assert s.protocol == "domain" and len(s) == 2 and s.num_classes == 10 and s.class_mask(0).all()
+    assert s.info["input_encoding"] == "uint8 (un-normalised)" and s.mean == pytest.approx((0.1307,))
+    x0, x1 = s.train.x[s[0].train_idx], s.train.x[s[1].train_idx]
+    assert torch.equal(s.train.y[s[0].train_idx], s.train.y[s[1].train_idx]) and s.train.y[s[0].train_idx].unique().numel() == 10
+    # the same images under two pixel permutations: equal pixel multisets, different layouts
+    assert torch.equal(x0.flatten(1).sort(1).values, x1.flatten(1).sort(1).values) and not torch.equal(x0, x1)
+
+
+FMNIST = MNIST.parent / "fashion-mnist"
+
+
+@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no shared Fashion-MNIST")
+def test_split_fmnist_offline(tmp_path):
+    from avalanche.benchmarks.classic import SplitFMNIST
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    bm = SplitFMNIST(n_experiences=5, seed=0, dataset_root=str(_torchvision_layout(FMNIST, tmp_path / "tv", "FashionMNIST")))
+    s = stream_from_avalanche(benchmark_from_datasets(train=_strided(bm.train_stream, 100), test=_strided(bm.test_stream, 40)))
+    order = [int(c) for c in bm.classes_order]
+    assert s.protocol == "class" and [sorted(s.class_order[c] for c in e.classes.tolist()) for e in s] == \
+        [sorted(order[2 * k:2 * k + 2]) for k in range(5)]
+    full = load_dataset("fashion_mnist", str(FMNIST))
+    known = set(zip(_hashes(full.train.x), full.train.y.tolist()))
+    original = torch.tensor(s.class_order)[s.train.y]  # back to Fashion-MNIST's labels
+    assert set(zip(_hashes(s.train.x), original.tolist())) <= known  # real images, labels kept, pixels exact
 
 
 def test_benchmark_from_datasets_tasks_domains_and_floats():
