@@ -128,7 +128,8 @@ def avalanche_run(args, cfg, stream, model, timing: bool, plugin_dir: str | None
     t0 = time.perf_counter()
     make = lambda x, y: _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
     bm = benchmark_from_datasets(train=[make(*d) for d in train_sets], test=[make(*d) for d in test_sets])
-    plugins = [OrderCheck(expected)] if args.check_order else []
+    checker = OrderCheck(expected) if args.check_order else None
+    plugins = [checker] if checker is not None else []
     clbench_plugin = None
     if plugin_dir is not None:
         from clbench.avalanche import ContinualEvaluationPlugin
@@ -179,7 +180,7 @@ def avalanche_run(args, cfg, stream, model, timing: bool, plugin_dir: str | None
                                             for k, n in enumerate(iterations_per(bm, args.batch_size))),
                      "min_acc": summary["min_acc"], "wc_acc": summary["wc_acc"], "n_gaps": summary["n_gaps"]}
     return {"wall_s": wall, "prep_s": prep_s, "eval": evaluated, "matrix": matrix,
-            "order_check": ("passed" if plugins[0].ok else "FAILED") if plugins else "not run"}
+            "order_check": ("passed" if checker.ok else "FAILED") if checker is not None else "not run"}
 
 
 def iterations_per(bm, batch_size: int) -> list[int]:

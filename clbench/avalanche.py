@@ -84,10 +84,15 @@ class _TestStream:
 
 
 class _Predictor:
-    """The clbench side of a strategy that the evaluator asks for: ``model`` and ``predict``."""
+    """The clbench side of a strategy that the evaluator asks for: ``model`` (read from the
+    Avalanche strategy at each call: strategies may replace it) and ``predict``."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.strategy.model
 
     def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
         if task_id is None:
@@ -203,7 +208,7 @@ class ContinualEvaluationPlugin(SupervisedPlugin):
         self.ctx = Context(stream=stream, device=device, seed=self.seed, preprocess=_no_preprocess)  # type: ignore[arg-type]
         # Avalanche evaluates the argmax over all outputs: allow every logit (broadcast over classes)
         self.ctx.class_mask = torch.ones(1 + max(e.task_id for e in stream), 1, dtype=torch.bool, device=device)
-        self.evaluator = Evaluator(_Predictor(strategy.model), self.ctx, self.cfg)  # type: ignore[arg-type]
+        self.evaluator = Evaluator(_Predictor(strategy), self.ctx, self.cfg)  # type: ignore[arg-type]
         if stream.protocol == "class":  # no unseen-class masking here: FWT is measurable
             self.evaluator.matrix.fwt_undefined = None
         if not self.write:
