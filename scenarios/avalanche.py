@@ -109,7 +109,10 @@ def _import_object(spec: str) -> Any:
     if not sep:
         module_name, _, attr = spec.rpartition(".")
     if not module_name or not attr:
-        raise ClbenchError(f"scenario.benchmark must be a dotted path like avalanche.benchmarks.classic.SplitMNIST, got {spec!r}")
+        known = f" (registered here: {', '.join(sorted(_REGISTERED))})" if _REGISTERED else ""
+        raise ClbenchError(f"scenario.benchmark {spec!r} is neither a dotted path like avalanche.benchmarks.classic.SplitMNIST "
+                           f"nor a name given to register_benchmark in this process{known}: a benchmark registered from "
+                           "Python cannot be rebuilt in another process (e.g. to resume its run)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
