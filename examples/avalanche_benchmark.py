@@ -47,7 +47,7 @@ def synthetic(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255
     y = torch.arange(10).repeat_interleave(n_per_class)
-    x = protos[y] * 0.6 + torch.rand(len(y), 1, 28, 28, generator=g) * 100
+    x = protos[y] * 0.25 + torch.rand(len(y), 1, 28, 28, generator=g) * 190  # overlapping classes
     return x.clamp(0, 255).to(torch.uint8), y
 
 
