@@ -157,7 +157,9 @@ def test_kill9_driver_then_rerun_matches_uninterrupted(ray_address, tmp_path):
     mtime = (first / "summary.json").stat().st_mtime_ns
     while run_status(second) == "running" and time.time() < deadline:  # Ray ends the dead driver's task
         time.sleep(0.2)
-    assert run_status(second) == "incomplete"
+    # Ray ends the dead driver's worker with SIGTERM (the engine then stops with a checkpoint:
+    # "interrupted") or SIGKILL ("incomplete"), depending on timing; both are resumable
+    assert run_status(second) in ("incomplete", "interrupted")
 
     assert main(argv) == 0
     assert (first / "summary.json").stat().st_mtime_ns == mtime  # not re-executed
