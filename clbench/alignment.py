@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class AlignmentConfig:
 
 def align_classifier(head: nn.Module, means: torch.Tensor, covs: torch.Tensor, classes: torch.Tensor,
                      blocks: Sequence[torch.Tensor], scales: torch.Tensor, cfg: AlignmentConfig,
-                     generator: torch.Generator) -> nn.Module:
+                     generator: torch.Generator, progress: Callable[..., Iterable[Any]] | None = None) -> nn.Module:
     """A copy of ``head`` (features -> logits over all classes) trained on Gaussian samples.
 
     ``means``/``covs``: the statistics of ``classes`` (row k for ``classes[k]``); only the logits
@@ -97,6 +97,7 @@ def align_classifier(head: nn.Module, means: torch.Tensor, covs: torch.Tensor, c
     ``classes`` of its classes (the blocks of the logit normalisation).  Per epoch: ``samples_per_class`` samples per class, shuffled, cut into
     ``len(classes)`` mini-batches; SGD (momentum, weight decay) with lr ``cfg.lr * (1 + cos(pi e /
     epochs)) / 2`` at epoch e (``CosineAnnealingLR(T_max=epochs)``).  ``head`` is not modified.
+    ``progress``: reports the epochs (``Context.progress``; default: nothing reported).
     """
     aligned = copy.deepcopy(head)
     aligned.requires_grad_(True)
@@ -105,7 +106,8 @@ def align_classifier(head: nn.Module, means: torch.Tensor, covs: torch.Tensor, c
     classes = classes.to(means.device)
     n, k = cfg.samples_per_class, classes.numel()
     with torch.enable_grad():
-        for epoch in range(cfg.epochs):
+        epochs = range(cfg.epochs)
+        for epoch in (progress(epochs, total=cfg.epochs, description="classifier alignment") if progress else epochs):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
             x, row = sample_features(means, covs, n, generator, scales)

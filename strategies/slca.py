@@ -153,7 +153,7 @@ class SLCA(Strategy):
                               logit_norm=self.cfg.logit_norm)
         generator = seeded_generator(ctx.seed, 301, task)  # CPU: the same samples on every device
         return align_classifier(self.model.head, self.means[idx], self.covs[idx], seen.to(ctx.device), blocks,
-                                scales, cfg, generator)
+                                scales, cfg, generator, progress=ctx.progress)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:

@@ -242,3 +242,21 @@ def test_console_pass_progress_plain_and_bar():
     bar = PassProgress(console=Console(file=io.StringIO(), force_terminal=True, force_interactive=True, width=100))
     assert bar.interactive is True
     assert list(bar(iter("abc"), total=3, description="features")) == ["a", "b", "c"]
+
+
+def test_slca_classifier_alignment_reports_its_epochs_and_keeps_its_result():
+    from clbench.alignment import AlignmentConfig, align_classifier, class_gaussians
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(60, 4, generator=g), torch.arange(3).repeat(20)
+    means, covs = class_gaussians(feats, labels, [0, 1, 2])
+    head = torch.nn.Linear(4, 3)
+    cfg = AlignmentConfig(epochs=3, samples_per_class=8)
+    blocks = [torch.tensor([0, 1]), torch.tensor([2])]
+    recorder, heads = Recorder(), []
+    for progress in (None, recorder):
+        heads.append(align_classifier(head, means, covs, torch.arange(3), blocks, torch.ones(3), cfg,
+                                      torch.Generator().manual_seed(1), progress=progress))
+    assert recorder.passes == [{"description": "classifier alignment", "total": 3, "items": 3}]
+    torch.testing.assert_close(heads[0].weight, heads[1].weight, rtol=0, atol=0)
+    assert not torch.equal(heads[0].weight, head.weight)  # it trained
