@@ -189,7 +189,15 @@ def _split_yaml(path: str | None) -> tuple[Any, str | None, Path | None]:
     for i, plugin in enumerate(raw.get("plugins") or []):
         if str(plugin).endswith(".py") and not Path(plugin).is_file() and (p.parent / plugin).is_file():
             raw.plugins[i] = str((p.parent / plugin).resolve())
-    fd, tmp = tempfile.mkstemp(prefix=f"{p.stem}-", suffix=".yaml")
+    try:  # beside the original: paths in the YAML stay relative to its folder
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}-sweep-", suffix=".yaml", dir=p.parent)
+    except OSError:  # a read-only config folder: plug-ins were made absolute above, other relative paths move
+        import warnings
+
+        warnings.warn(f"cannot write beside {p}; relative paths in it other than plugins now resolve against "
+                      "the temporary directory: make them absolute, or move the sweep: section to the command line",
+                      stacklevel=2)
+        fd, tmp = tempfile.mkstemp(prefix=f"{p.stem}-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(OmegaConf.to_yaml(raw))  # interpolations stay unresolved, as in the original
     return section, tmp, Path(tmp)

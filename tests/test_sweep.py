@@ -185,3 +185,19 @@ def test_sigint_interrupts_running_points_resumably(ray_address, tmp_path):
     state = json.loads((tmp_path / "int" / "sweep.json").read_text())
     assert statuses(state) == {"seed=0": "interrupted", "seed=1": "interrupted"}
     assert [run_status(d) for d in dirs] == ["interrupted", "interrupted"]  # stopped with a checkpoint, resumable
+
+
+def test_yaml_with_sweep_section_keeps_paths_relative_to_the_yaml(tmp_path, monkeypatch):
+    """The copy of the YAML without its ``sweep:`` section must resolve relative paths (data roots,
+    checkpoints, the shipped ``${oc.env:CLBENCH_DATA_ROOT,../../shared/data}`` fallback) against the
+    original file's folder, not against a temporary folder."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "configs" / "mine"
+    folder.mkdir(parents=True)
+    (tmp_path / "configs" / "data").mkdir()
+    cfg = folder / "m.yaml"
+    cfg.write_text("scenario: {name: class_incremental, dataset: digits, data_root: ../data}\n"
+                   "sweep:\n  grid: {seed: [0, 1]}\n")
+    _, _, points = plan(str(cfg), [f"output_dir={tmp_path}/runs"])
+    assert f"data_root: {(tmp_path / 'configs' / 'data').resolve()}" in points[0].config_yaml
+    assert not list(folder.glob(".*")), "no temporary file is left beside the config"
