@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from clbench.registry import ClbenchError
+from clbench.safe_load import load_problem
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -178,8 +178,8 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike[str]) -> N
 def _load(path: Path, device: torch.device | str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+    except Exception as err:  # noqa: BLE001 - classified by the one torch.load diagnosis (clbench.safe_load)
+        if load_problem(err).startswith("refused"):
             raise CheckpointError(
                 f"refusing to load {path}: it holds objects other than tensors and plain data "
                 "(loading it could run code); it was not written by clbench or was tampered with. "
@@ -207,7 +207,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str], device: torch.device | str 
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - any read/parse failure means a damaged file
-            damaged.append(f"{path.name} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})")
+            damaged.append(f"{path.name} ({load_problem(err)})")
             continue
         if damaged:
             notice(f"{damaged[0]} is damaged; resuming from the previous checkpoint {path}")
