@@ -27,7 +27,8 @@ from clbench.logging.config import LoggingConfig
 from clbench.registry import MODELS, SCENARIOS, STRATEGIES, ClbenchError, Registry
 from clbench.validation import bounded, choice, path, path_fields, require, validate
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # as clbench.evaluation.COMPILE_MODES
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # train.compile / eval.compile
+PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision
 
 TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
     "scenario": (SCENARIOS, "class_incremental"),
@@ -63,7 +64,7 @@ class EvalConfig:
     every: int = bounded(10, ge=0)  # evaluate every N training iterations (0: only at experience ends)
     subset_size: int = bounded(1000, ge=0)  # fixed, seeded test subset per task for periodic evaluation (0: all)
     batch_size: int = bounded(0, ge=0)  # 0: auto (256 on CPU, where larger batches run slower; 2048 on a GPU)
-    precision: str = choice("auto", "auto", "fp32", "bf16")  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = choice("auto", *PRECISIONS)  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
     channels_last: bool = True  # channels-last inputs on a GPU (ignored on CPU)
     compile: str = choice("none", *COMPILE_MODES)  # torch.compile strategy.predict: none | default | reduce-overhead (CUDA graphs) | max-autotune
     overlap: bool = False  # offline loop: evaluate a weight snapshot on a side CUDA stream while training goes on

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from clbench.config import COMPILE_MODES, PRECISIONS
 from clbench.metrics import AccuracyMatrix, ContinualTracker, OnlineTracker
 from clbench.snapshot import WeightSnapshot, live_tensors
 
@@ -363,8 +364,6 @@ class _Pending:
 
 
 OVERLAP_DEPTH = 2  # snapshots in flight with eval.overlap (evaluation t runs while t+1 trains)
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def fwt_undefined(protocol: str, online: bool = False) -> str | None:
