@@ -158,14 +158,9 @@ def run_status(run_dir: Path, summary: dict[str, Any] | None) -> str:
     status = (summary or {}).get("status")
     if status in ("finished", "failed", "interrupted"):
         return status
-    try:
-        from clbench.rundir import lock_holder
+    from clbench.rundir import run_status as directory_status  # the lock test
 
-        if lock_holder(run_dir) is not None:
-            return "running"
-    except Exception:  # noqa: BLE001 -- no lock information: treat as not running
-        pass
-    return "incomplete"
+    return "running" if directory_status(run_dir) == "running" else "incomplete"
 
 
 def _last_time(run_dir: Path) -> float | None:
