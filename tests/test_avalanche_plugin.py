@@ -6,8 +6,6 @@ Avalanche's EvaluationPlugin; the example runs."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,9 @@ import pytest
 pytest.importorskip("avalanche")
 
 import torch  # noqa: E402
+from conftest import DATA_ROOT  # noqa: E402
 
-MNIST = Path(os.environ.get("CLBENCH_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+MNIST = DATA_ROOT / "mnist"
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="MNIST idx files not available")
 

@@ -26,9 +26,10 @@ from clbench.engine import run
 from clbench.registry import ClbenchError, register_dataset
 from clbench.scenarios import build_stream
 from clbench.scenarios.avalanche import register_benchmark, stream_from_avalanche
+from conftest import DATA_ROOT
 
 pytest.importorskip("avalanche")
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = DATA_ROOT / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no shared MNIST")
 ORDER = [4, 1, 7, 5, 3, 9, 0, 8, 6, 2]
 FAST = ["logging.console=false", "logging.tensorboard=false", "train.iterations=10", "train.batch_size=32",

@@ -19,8 +19,9 @@ from PIL import Image
 import clbench.data.datasets as D
 from clbench.data import load_dataset
 from clbench.registry import DATASETS, ClbenchError
+from conftest import DATA_ROOT
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = DATA_ROOT
 
 
 # --------------------------------------------------------------------------- helpers

@@ -26,8 +26,9 @@ from clbench.models.cifar_resnet import CifarResNetConfig, cifar_resnet
 from clbench.models.pretrained import TimmConfig, create_timm_backbone, load_state_dict_file
 from clbench.registry import ClbenchError
 from clbench.safe_load import load_data_pickle, torch_load, weights_only_loads
+from conftest import DATA_ROOT
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = DATA_ROOT
 
 
 class Touch:
