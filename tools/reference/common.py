@@ -35,13 +35,15 @@ MIRRORS = Path(os.environ.get("CLBENCH_REFERENCE_MIRRORS", "/work/.mirror"))
 CACHE = Path(os.environ.get("CLBENCH_REFERENCE_CACHE", Path.home() / ".cache" / "clbench" / "reference"))
 
 
-def official_source(repository: str, commit: str, source: str | Path | None = None) -> Path:
+def official_source(repository: str, commit: str, source: str | Path | None = None,
+                    paths: tuple[str, ...] = ()) -> Path:
     """A directory holding ``repository`` (``owner/name``) at ``commit``.
 
     ``source``: a checkout you made yourself (``git clone https://github.com/<repository> && git
     checkout <commit>``); if it is a git work tree at another commit, this refuses. Without it, the
     commit is extracted (``git archive``) from the bare mirror ``$CLBENCH_REFERENCE_MIRRORS/<owner>+<name>/repo``
-    into ``$CLBENCH_REFERENCE_CACHE/<owner>+<name>@<commit>`` once."""
+    into ``$CLBENCH_REFERENCE_CACHE/<owner>+<name>@<commit>`` once.  ``paths``: extract only these
+    files/folders (for a mirror that lacks some large blobs of the commit, e.g. data split files)."""
     if source is not None:
         path = Path(source).resolve()
         if not path.is_dir():
@@ -56,10 +58,11 @@ def official_source(repository: str, commit: str, source: str | Path | None = No
     if not mirror.exists():
         raise SystemExit(f"no checkout of {repository}: pass --source DIR (a clone at {commit}) "
                          f"or put a git mirror at {mirror}")
-    target = CACHE / f"{repository.replace('/', '+')}@{commit}"
+    suffix = "-" + "+".join(p.strip("/").replace("/", "_") for p in paths) if paths else ""
+    target = CACHE / f"{repository.replace('/', '+')}@{commit}{suffix}"
     if not (target / ".complete").exists():
         target.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "--git-dir", str(mirror), "archive", "--format=tar", commit],
+        archive = subprocess.run(["git", "--git-dir", str(mirror), "archive", "--format=tar", commit, "--", *paths],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
         (target / ".complete").write_text(commit + "\n")
