@@ -29,6 +29,7 @@ from clbench.validation import bounded, choice, path, path_fields, require, vali
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # train.compile / eval.compile
 PRECISIONS = ("auto", "fp32", "bf16")  # eval.precision
+SCHEDULERS = ("none", "cosine", "coda_cosine", "multistep")  # train.scheduler (clbench.engine.make_scheduler)
 
 TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
     "scenario": (SCENARIOS, "class_incremental"),
@@ -46,7 +47,11 @@ class TrainConfig:
     lr: float = bounded(0.05, gt=0)
     momentum: float = bounded(0.0, ge=0, le=1)
     weight_decay: float = bounded(0.0, ge=0)
-    scheduler: str = choice("none", "none", "cosine")  # none | cosine (per experience)
+    # per experience: none | cosine (per iteration) | coda_cosine (CODA-Prompt code's epoch-wise
+    # cos(99*pi*e / (200*(K-1))), K epochs) | multistep (x gamma at each of `milestones`, in epochs)
+    scheduler: str = choice("none", *SCHEDULERS)
+    milestones: List[int] = bounded(default_factory=list, ge=1)  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = bounded(0.1, gt=0, le=1)  # multistep: the factor
     warmup_iters: int = bounded(0, ge=0)
     amp: str = choice("none", "none", "bf16", "fp16")  # none | bf16 | fp16 (CUDA only)
     grad_clip: Optional[float] = bounded(None, gt=0)  # max global gradient norm

@@ -227,6 +227,7 @@ class Engine:
         self.position = Position()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.step_lr = 0.0  # the learning rate of the last optimizer step
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
         self._checkpoint: dict[str, Any] | None = checkpoint
         self._pending_optimizer: dict[str, Any] | None = None  # boundary resume: state for the next optimiser
@@ -336,7 +337,7 @@ class Engine:
         train_exps = self.strategy.training_experiences(exp, ctx)
         sample_idx, sample_exp, task_ids = training_samples(train_exps, stream.train.x.device)
         n_iter = iterations_per_experience(sample_idx.numel(), cfg.train)
-        self._prepare_experience(exp, n_iter)
+        self._prepare_experience(exp, n_iter, math.ceil(sample_idx.numel() / cfg.train.batch_size))
         start = self.position.experience_iteration
         ctx.iteration = self.position.iteration
         self.logger.on_experience_start(k, len(stream), n_iter, exp.classes.tolist())
@@ -381,7 +382,7 @@ class Engine:
         for iteration, metrics in self.evaluator.drain():
             self.logger.log_metrics(metrics, iteration, "eval")
 
-    def _prepare_experience(self, exp, n_iter: int) -> None:
+    def _prepare_experience(self, exp, n_iter: int, per_epoch: int | None = None) -> None:
         """Before training ``exp`` for ``n_iter`` steps: strategy hook, optimiser, schedule and,
         when resuming, the checkpoint's state."""
         cfg, ctx = self.cfg, self.ctx
@@ -391,7 +392,7 @@ class Engine:
             self._new_optimizer(self.strategy.param_groups())
         # the schedule starts from the optimiser's state (a boundary resume has loaded it above),
         # exactly as in the uninterrupted run
-        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter) if n_iter else None
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, n_iter, per_epoch) if n_iter else None
         if self._checkpoint is not None:  # mid-experience: after the experience's own set-up
             self._restore(self._checkpoint, optimizer=True)
         self._checkpoint = None
@@ -553,6 +554,7 @@ class Engine:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used (logged as train/lr)
         if self.scheduler is not None:
             self.scheduler.step()
         if after_step:
@@ -669,7 +671,7 @@ class LossLog:
         if due:
             n = (it + 1) % self.log_every or self.log_every
             engine.logger.log_metrics({"train/loss": float(self.loss_sum) / n,
-                                       "train/lr": engine.optimizer.param_groups[0]["lr"]}, ctx.iteration, "train")
+                                       "train/lr": engine.step_lr}, ctx.iteration, "train")
             self.loss_sum.zero_()
         return last
 
@@ -776,17 +778,44 @@ def make_optimizer(groups: list[dict[str, Any]], cfg) -> torch.optim.Optimizer:
     raise ClbenchError(f"unknown train.optimizer '{cfg.optimizer}'; valid: sgd, adam, adamw")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int, per_epoch: int | None = None):
+    """The learning-rate schedule of one experience of ``n_iter`` iterations, ``per_epoch`` per epoch
+    (``None``: one epoch of ``n_iter``), stepped once per iteration.
+
+    * ``cosine``: per-iteration half cosine to 0 over the experience (after ``warmup_iters``).
+    * ``coda_cosine``: the CODA-Prompt code's epoch-wise schedule (``utils/schedulers.py::CosineSchedule``,
+      stepped at the start of each epoch after the first; GT-RIPL/CODA-Prompt, also L2P++/DualPrompt/OnePrompt
+      there): lr x cos(99 pi e / (200 (K - 1))) in epoch e of K (x1 when K = 1), i.e. it ends near, not at, 0.
+    * ``multistep``: torch's ``MultiStepLR`` stepped per epoch (SLCA, FeTrIL's initial model):
+      lr x gamma^(number of milestones <= e) in epoch e.
+    A linear warm-up over the first ``warmup_iters`` iterations multiplies any of them."""
+    from clbench.config import SCHEDULERS
+
     if cfg.scheduler == "none" and cfg.warmup_iters == 0:
         return None
-    if cfg.scheduler not in ("none", "cosine"):
-        raise ClbenchError(f"unknown train.scheduler '{cfg.scheduler}'; valid: none, cosine")
-    warm, cosine = cfg.warmup_iters, cfg.scheduler == "cosine"
+    if cfg.scheduler not in SCHEDULERS:
+        raise ClbenchError(f"unknown train.scheduler '{cfg.scheduler}'; valid: {', '.join(SCHEDULERS)}")
+    milestones = list(getattr(cfg, "milestones", []) or [])
+    if cfg.scheduler == "multistep" and (not milestones or milestones != sorted(set(milestones))):
+        raise ClbenchError(f"train.scheduler=multistep needs train.milestones, strictly increasing epochs "
+                           f"(e.g. [30, 60]); got {milestones}")
+    warm, kind = cfg.warmup_iters, cfg.scheduler
+    per_epoch = max(1, per_epoch or n_iter)
+    n_epochs = max(1, math.ceil(n_iter / per_epoch))
+    gamma = getattr(cfg, "gamma", 0.1)
+
+    def epoch_factor(epoch: int) -> float:
+        if kind == "coda_cosine":
+            return 1.0 if n_epochs == 1 else math.cos(99 * math.pi * epoch / (200 * (n_epochs - 1)))
+        return gamma ** sum(m <= epoch for m in milestones)
 
     def factor(step: int) -> float:
+        ramp = (step + 1) / warm if step < warm else 1.0
+        if kind in ("coda_cosine", "multistep"):
+            return ramp * epoch_factor(min(step // per_epoch, n_epochs - 1))
         if step < warm:
-            return (step + 1) / warm
-        if not cosine:
+            return ramp
+        if kind == "none":
             return 1.0
         progress = (step - warm) / max(1, n_iter - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
