@@ -27,13 +27,13 @@ class Golden:
         return self.tensors[key]
 
 
-def load_golden(name: str) -> Golden:
-    """The golden ``tests/reference/<name>.safetensors``; its metadata must name repository, commit and script."""
+def load_golden(name: str, directory: Path = GOLDEN_DIR) -> Golden:
+    """The golden ``<directory>/<name>.safetensors``; its metadata must name repository, commit and script."""
     from safetensors import safe_open
 
     from clbench.safe_load import load_safetensors
 
-    path = GOLDEN_DIR / f"{name}.safetensors"
+    path = Path(directory) / f"{name}.safetensors"
     tensors = load_safetensors(path, "golden")
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
