@@ -251,6 +251,9 @@ class NormOptions:
     ada_t0: int = bounded(0, ge=0)  # first task (experience index) whose loss includes the regulariser
     task_weight_init: float = 0.0  # initial log Dirichlet concentration w of every task (alpha = e^w = 1)
     adab2n_variant: str = choice("paper", "paper", "released")  # paper | released (absent tasks keep posterior mass; biased running variance)
+    # joint: incoming + buffer samples in one forward (AdaB2N's *_ada.py) | separate: one forward per part,
+    # incoming first (mammoth er_ace.py / derpp.py, the paper's BN rows); separate needs norm=bn
+    replay_forward: str = choice("joint", "joint", "separate")
 
 
 class NormControl:

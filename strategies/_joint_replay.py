@@ -1,6 +1,7 @@
 """What ER-ACE and DER++ share for the AdaB2N comparison (Lyu et al., NeurIPS 2023): BatchNorm or
 AdaB2N (:class:`clbench.norms.NormControl`), a reservoir buffer, ONE joint forward of incoming and
-buffer samples whichever the norm, and AdaB2N's regulariser added to the loss.  Not a registered
+buffer samples whichever the norm (or, ``replay_forward=separate`` with BN, one forward per part
+as mammoth's ``er_ace.py``/``derpp.py``), and AdaB2N's regulariser added to the loss.  Not a registered
 strategy (a module starting with ``_`` is not scanned by the registry)."""
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ class JointReplayStrategy(Strategy):
 
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
+        if self.cfg.replay_forward == "separate" and self.cfg.norm != "bn":
+            raise ValueError("replay_forward=separate is the BN baseline of the released code; use norm=bn "
+                             "(AdaB2N weighs tasks within one joint batch)")
         self.norm = NormControl(self.cfg)
         self.norm.setup(model, ctx.stream.n_tasks)
         self.buffer = ReservoirBuffer(self.cfg.buffer_size, seed=ctx.seed)
         self.last_terms: dict[str, torch.Tensor] = {}  # the loss terms of the last step (tests, debugging)
 
+    def segments(self) -> list[int]:
+        """Sizes of the parts of the prepared batch (incoming first, then the buffer draws)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        """The joint forward; with AdaB2N each sample's task weights its batch statistics."""
+        """The joint forward; with AdaB2N each sample's task weights its batch statistics.
+        ``replay_forward=separate``: one forward per part (:meth:`segments`), in order."""
+        if self.cfg.replay_forward == "separate":
+            sizes = [s for s in self.segments() if s]
+            if len(sizes) > 1:
+                return torch.cat([self.model(part) for part in torch.split(x, sizes)])
         return self.norm.forward(self.model, x, batch.task, ctx.stream[ctx.experience].task_id)
 
     def total_loss(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], ctx: Context) -> torch.Tensor:

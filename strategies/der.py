@@ -23,7 +23,17 @@ and the released code (mammoth ``derpp.py``, AdaB2N's ``derpp_ada.py``: plain
 both CE terms over the classes seen so far only (the framework's class-IL mask,
 ``ctx.class_mask``; under the online protocol the exposed classes), the MSE still over all
 logits.  It was the default before issue 13; the reduced CPU AdaB2N run in REPRODUCIBILITY.md
-was measured with it.  The buffer starts being replayed as soon as it holds a sample.
+was measured with it.  The buffer starts being replayed as soon as it holds a sample (as both
+released codes).
+
+``replay_forward``: ``joint`` (default; AdaB2N's ``derpp_ada.py`` batching) or ``separate``:
+incoming batch, draw 1 and draw 2 through the model in three forwards in that order, as mammoth's
+``derpp.py`` (BN normalises and updates its running statistics per part; the AdaB2N paper's BN
+rows were run that way).  ``norm=bn`` only.  With ``norm=adab2n``, ``adab2n_variant=released``,
+``ada_t0``, ``kappa`` and ``lambda_`` follow ``derpp_ada.py`` (:mod:`clbench.norms`).  Parity with
+``lvyilin/AdaB2N`` @ 9aaba7e (``models/derpp.py``, ``models/derpp_ada.py``) is checked by
+``tests/test_reference_adab2n.py``; ``configs/repro/adab2n_online_cifar10_derpp.yaml`` sets the
+released values.
 """
 
 from __future__ import annotations
@@ -82,6 +92,9 @@ class DERPP(JointReplayStrategy):
             n2 = len(second["y"])
         self._sizes = (n, len(first["y"]), n2)
         return full
+
+    def segments(self) -> list[int]:
+        return [s for s in self._sizes if s]
 
     def forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         out = super().forward(x, batch, ctx)

@@ -36,6 +36,41 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class CosineLinear(nn.Linear):
+    """Cosine classifier: ``scale * <x/(|x|+1e-5), w_c/(|w_c|+1e-5)>`` per class ``c``, no bias.
+
+    The ``distLinear`` head of the ER-ACE/ER-AML code (``pclucas14/AML`` @ 7c92936, ``model.py``;
+    ``main.py`` builds it for every method whose name contains "ace" or "aml"), scale factor 10
+    there; the 1e-5 is added to the norms as in that code.  An ``nn.Linear`` (``weight``
+    ``[C, D]``, same initialisation, ``bias=None``), so code that reads ``head.weight`` keeps working."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 10.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / (x.norm(p=2, dim=1, keepdim=True) + 1e-5)
+        w = self.weight / (self.weight.norm(p=2, dim=1, keepdim=True) + 1e-5)
+        return self.scale * x @ w.t()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"
+
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+def set_classifier(model: Classifier, kind: str, scale: float = 10.0) -> Classifier:
+    """Replace ``model.head`` by a fresh head of ``kind`` (``linear``: keep the ``nn.Linear``;
+    ``cosine``: :class:`CosineLinear` with ``scale``)."""
+    if kind not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier '{kind}'; valid: {', '.join(CLASSIFIERS)}")
+    if kind == "cosine":
+        w = model.head.weight
+        model.head = CosineLinear(model.head.in_features, model.head.out_features, scale, device=w.device, dtype=w.dtype)
+    return model
+
+
 def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int) -> Classifier:
     """Build the model described by a model config section (``cfg.name`` picks the builder)."""
     from clbench.registry import MODELS

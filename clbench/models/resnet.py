@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clbench.models import Classifier
+from clbench.models import Classifier, set_classifier
 from clbench.registry import ClbenchError, register_model
 from clbench.validation import bounded, choice
 
@@ -65,6 +65,9 @@ class ResNet18Config:
     name: str = "resnet18"
     nf: int = bounded(20, ge=1)  # 20 = reduced ResNet-18 (GEM); 64 = the standard widths
     stem: str = choice("cifar", "cifar", "imagenet")  # cifar: 3x3 conv, no max-pool (32 px) | imagenet: 7x7/2 conv + 3x3/2 max-pool (64 px and up)
+    # linear | cosine: ER-ACE's cosine head (pclucas14/AML model.py distLinear, scale 10; AdaB2N's mammoth code uses linear)
+    classifier: str = choice("linear", "linear", "cosine")
+    cosine_scale: float = bounded(10.0, gt=0)  # scale factor of the cosine head (AML: 10)
 
 
 @register_model("resnet18", config=ResNet18Config,
@@ -73,4 +76,4 @@ def resnet18(cfg: ResNet18Config, input_shape: tuple[int, int, int], num_classes
     if cfg.stem not in STEMS:
         raise ClbenchError(f"model.stem must be one of {', '.join(STEMS)}, got '{cfg.stem}'")
     backbone = ResNet18Backbone(input_shape[0], cfg.nf, cfg.stem)
-    return Classifier(backbone, backbone.out_dim, num_classes)
+    return set_classifier(Classifier(backbone, backbone.out_dim, num_classes), cfg.classifier, cfg.cosine_scale)
