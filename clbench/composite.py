@@ -149,6 +149,11 @@ class Composite(Strategy):
         check_composition(self.names)
         self.components: dict[str, Strategy] = {n: STRATEGIES.get(n).obj(getattr(cfg, n)) for n in self.names}
         self.owner = self.components[loss_owner(self.names)]
+        for n, c in self.components.items():  # only the owner's task loss is used: refuse a choice that would be ignored
+            choice = getattr(c.cfg, "task_loss", "ce")
+            if c is not self.owner and choice != "ce":
+                raise ClbenchError(f"strategy.{n}.task_loss={choice}: in {cfg.name} the task loss is "
+                                   f"'{loss_owner(self.names)}''s; leave strategy.{n}.task_loss=ce (or put {n} first)")
         parts = list(self.components.values())
         self._forward = next((c for c in parts if overrides(type(c), "forward")), self.owner)
         self._groups = next((c for c in parts if overrides(type(c), "param_groups")), None)

@@ -10,7 +10,7 @@ optimiser, AMP, clipping, device and checkpoints; a strategy never steps the opt
     for each iteration:
         prepare_batch(batch, ctx) -> batch     e.g. replay adds buffer samples
         forward(x, batch, ctx) -> output       default: model(x)
-        loss(output, batch, ctx) -> Tensor     task loss plus penalty(output, batch, ctx)
+        loss(output, batch, ctx) -> Tensor     task_loss(output, batch, ctx) plus penalty(output, batch, ctx)
         before_optimizer_step(ctx)             after backward, before clipping/step: may edit p.grad (A-GEM)
         after_step(batch, ctx)                 the incoming batch: buffer update, EMA, ...
     after_experience(exp, ctx)             Fisher, prototypes, anchors, ...
@@ -161,10 +161,17 @@ class Strategy:
         return self.model(x)
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        """The task loss (cross-entropy over the allowed logits) plus :meth:`penalty`."""
-        task_loss = masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
+        """:meth:`task_loss` plus :meth:`penalty`."""
+        task_loss = self.task_loss(output, batch, ctx)
         penalty = self.penalty(output, batch, ctx)
         return task_loss if isinstance(penalty, (int, float)) and penalty == 0 else task_loss + penalty
+
+    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """The task loss alone (default: cross-entropy over the allowed logits).  A strategy that
+        only changes the task loss (e.g. EWC/L2's ``task_loss: bce``) overrides this, not ``loss``,
+        so it still composes with a component that owns ``loss``; in a composition only the loss
+        owner's task loss is used (a non-owner that selects another one is refused)."""
+        return masked_cross_entropy(output, batch.y, ctx.class_mask[batch.task])
 
     def penalty(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | float:
         """A regularisation term added to the task loss (default 0); in a composition each
