@@ -55,6 +55,12 @@ def kth_neighbour_distance(queries: torch.Tensor, index: torch.Tensor, k: int, c
     return torch.cat(out) if out else queries.new_zeros(0)
 
 
+def boundary_indices(normed: torch.Tensor, k: int, select: int) -> torch.Tensor:
+    """Indices of the ``select`` samples of ``normed`` ``[N, D]`` with the largest distance to their
+    k-th nearest neighbour in ``normed`` itself, largest first (``ood.py::_boundary``)."""
+    return kth_neighbour_distance(normed, normed, k).topk(min(select, normed.shape[0])).indices
+
+
 def synthesize_outliers(features: torch.Tensor, cfg: "PromptConfig", n_classes: int,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Virtual outliers ``[per_class * n_classes, D]`` for ID ``features`` ``[N, D]`` (module doc)."""
@@ -62,8 +68,7 @@ def synthesize_outliers(features: torch.Tensor, cfg: "PromptConfig", n_classes: 
     normed = F.normalize(feats, dim=1)
     k = cfg.vor_k
     n_keep = cfg.vor_per_class * max(1, n_classes)
-    d_id = kth_neighbour_distance(normed, normed, k)
-    boundary = normed[d_id.topk(min(cfg.vor_select, normed.shape[0])).indices]
+    boundary = normed[boundary_indices(normed, k, cfg.vor_select)]
     if cfg.vor_outlier_center == "origin":  # released code: one draw, repeated for every boundary point
         offsets = torch.randn(cfg.vor_sample_from, feats.shape[1], generator=generator).to(feats.device)
         candidates = (cfg.vor_sigma * offsets).repeat(boundary.shape[0], 1)
