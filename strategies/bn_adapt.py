@@ -7,6 +7,8 @@ The official ``Norm`` puts BN layers in train mode, so each batch is normalised 
 statistics (the running averages it also updates are never used while in train mode).  We
 remove the running statistics instead (``track_running_stats=False``, as TENT and CoTTA do),
 which gives the same predictions in train and eval mode, independent of any running state.
+Reference test: ``tests/test_reference_tta.py`` (golden ``bn_adapt``, written by
+``tools/reference/cotta.py`` from ``qinenergy/cotta`` @ c212a20 ``cifar/norm.py``): equal predictions.
 """
 
 from dataclasses import dataclass
