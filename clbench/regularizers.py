@@ -7,6 +7,13 @@ al. 2017, Eq. 3), the path integral of SI (Zenke et al. 2017, Eq. 5) and the out
 sensitivity of MAS (Aljundi et al. 2018, Eq. 4), and theta* the parameters at the end of the previous task.  Importances
 accumulate online across tasks, ``Omega <- gamma * Omega + Omega_new`` (Schwarz et al. 2018;
 gamma = 1 as in Smith et al. 2023's released code), and the anchor is overwritten each task.
+
+Parity with Smith et al. 2023's released code (``shaunak27/data-free-continual-learning`` @ 5388102,
+``learners/kd.py``; checked against it by tests/test_reference_smith2023.py) is a set of options of
+the L2 and EWC strategies, all off by default: ``task_loss`` (``bce``/``bce_new``: ``bce_scale`` x
+BCE on the sigmoid of the seen / the current experience's logits, :func:`sigmoid_bce`),
+``freeze_bn`` (the model runs in eval mode while training, :meth:`ParameterRegularization.prepare_batch`),
+and, for EWC, ``fisher: batch`` with ``fisher_loss: bce_new`` (:func:`batch_fisher`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from clbench.registry import ClbenchError
 from clbench.strategy import Batch, Context, Strategy
@@ -221,6 +229,22 @@ def batch_fisher(
     return fisher
 
 
+def sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` x the binary cross-entropy of ``sigmoid(logits)`` against ``targets`` (in [0, 1]),
+    averaged over the allowed entries (``allowed``: bool ``[B, C]``) -- with the same allowed classes in
+    every row, ``nn.BCELoss()`` (mean) on ``sigmoid(logits[:, classes])``, as in Smith et al.'s
+    ``learners/kd.py`` (``self.ce_loss(torch.sigmoid(logits[:, a:b]), target) * self.ce_loss_scale``,
+    ``ce_loss_scale = 5``); also LwF.MC / iCaRL's classification-and-distillation loss (Rebuffi et al. 2017)
+    with soft targets on the old classes."""
+    bce = F.binary_cross_entropy(torch.sigmoid(logits.float()), targets.float(), reduction="none")
+    allowed = allowed.expand_as(bce)
+    return scale * bce.masked_select(allowed).sum() / allowed.sum().clamp(min=1)
+
+
+def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(y.long(), num_classes).float()
+
+
 class _eval_mode:
     def __init__(self, model: nn.Module):
         self.model, self.was = model, model.training
@@ -232,9 +256,22 @@ class _eval_mode:
         self.model.train(self.was)
 
 
+#: ``task_loss`` choices of the L2 and EWC strategies.
+TASK_LOSSES = ("ce", "bce", "bce_new")
+
+
 class ParameterRegularization(Strategy):
     """Base of the L2 and EWC strategies: the ``penalty`` (added to the task loss by ``loss``) over the backbone's (or all)
-    parameters; subclasses set the scale and consolidate in ``after_experience``."""
+    parameters; subclasses set the scale and consolidate in ``after_experience`` (then call this one's).
+
+    ``task_loss`` (Smith et al.'s released code, ``learners/kd.py``): ``ce`` (default, cross-entropy over
+    the allowed logits: their ``--playground_flag --temp -3``), ``bce`` (``bce_scale`` x BCE on the sigmoid of
+    all allowed (seen) logits, one-hot targets: their loss without ``--KD``), ``bce_new`` (the same on the
+    current experience's classes only: ``--temp -1``, "ewc-mc-nologitkd").  Their LwF.MC loss (with
+    ``--KD``) is LwF's ``variant: mc`` composed with this strategy (``strategy: [lwf, ewc]``).
+    ``freeze_bn``: the model is put in eval mode before every training step (their ``update_model``
+    starts with ``self.model.eval()``, "keep BN layers frozen": BatchNorm normalises with, and never
+    updates, its running statistics; Dropout is off)."""
 
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
@@ -245,6 +282,29 @@ class ParameterRegularization(Strategy):
             named = {n: p for n, p in named.items() if not n.startswith("head.")}
         self.reg = QuadraticRegularizer({n: p for n, p in named.items() if p.requires_grad},
                                         gamma=getattr(self.cfg, "gamma", 1.0))
+        self.setup_task_loss(ctx)
+
+    def setup_task_loss(self, ctx: Context) -> None:
+        """Check ``task_loss``; start the record of the classes of finished experiences (``bce_new``)."""
+        if self.cfg.task_loss not in TASK_LOSSES:
+            raise ClbenchError(f"strategy.task_loss must be one of {', '.join(TASK_LOSSES)}, got '{self.cfg.task_loss}'")
+        self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
+
+    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
+        if self.cfg.freeze_bn:
+            self.model.eval()
+        return batch
+
+    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        if self.cfg.task_loss == "ce":
+            return super().task_loss(output, batch, ctx)
+        allowed = ctx.class_mask[batch.task]
+        if self.cfg.task_loss == "bce_new":
+            allowed = allowed & ~self.old_classes
+        return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
+
+    def after_experience(self, exp, ctx: Context) -> None:
+        self.old_classes[exp.classes.to(self.old_classes.device)] = True
 
     def penalty_scale(self) -> float:
         raise NotImplementedError
@@ -256,7 +316,9 @@ class ParameterRegularization(Strategy):
         return self.penalty_scale() * self.reg.penalty()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reg": self.reg.state_dict()}
+        return {"reg": self.reg.state_dict(), "old": self.old_classes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reg.load_state_dict(state["reg"])
+        if "old" in state:  # checkpoints written before task_loss=bce_new existed lack it
+            self.old_classes = state["old"].to(self.old_classes.device)

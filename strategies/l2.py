@@ -16,6 +16,17 @@ pretrained weights for the whole stream (the spec's reading: "L2 toward the pret
 weights"); ``anchor: previous`` moves it to each task's end as in the ResNet experiments.
 The authors' ViT code was not found (spec section 1): blocks, whether ``proj`` is included and
 lambda are config fields, not parity claims.
+
+Parity with the released code (``shaunak27/data-free-continual-learning`` @ 5388102, ``learners/kd.py``
+``EWC_MC_L1L2``, run as ``--eps -0.05 --mu 0 --KD``, "mc-l2"; tests/test_reference_smith2023.py runs
+it): ``anchor_initial: true``, ``freeze_bn: true`` (their ``update_model`` trains in eval mode), and
+their LwF.MC task loss, i.e. ``strategy: [lwf, l2]`` with ``lwf.variant: mc``, ``lwf.bce_scale: 5``
+(``configs/repro/smith2023_l2_cifar100.yaml``).  ``task_loss: bce | bce_new`` (``bce_scale`` x BCE on
+the sigmoid of the seen / current classes' logits) are their runs without distillation.  Defaults
+(cross-entropy, BN in training mode, no anchor in task 1) are the paper's description.
+``EWC_MC_L2START`` ("ewc-mc-l2start", pretrained ResNet-18) is ``strategy: [lwf, l2, ewc]`` with
+``l2.anchor_initial: true``: its ``l2_start_flag`` branch is never reached, so the L2 term stays on
+after task 1, next to EWC.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from typing import List, Optional
 from torch import nn
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.regularizers import ParameterRegularization, QuadraticRegularizer
+from clbench.regularizers import TASK_LOSSES, ParameterRegularization, QuadraticRegularizer
 from clbench.strategy import Context, Strategy, StrategyConfig
 from clbench.validation import bounded, choice
 
@@ -40,6 +51,9 @@ class L2Config(StrategyConfig):
     anchor: str = choice("previous", "previous", "initial")  # previous (theta* = last task's end) | initial (theta* = initial/pretrained weights throughout)
     blocks: Optional[List[int]] = bounded(None, ge=0)  # params=attention: indices of the ViT blocks (null: all)
     attention_params: List[str] = field(default_factory=lambda: ["qkv", "proj"])  # params=attention: submodules of blocks[i].attn
+    task_loss: str = choice("ce", *TASK_LOSSES)  # ce | bce (sigmoid BCE, seen classes) | bce_new (current classes only); Smith et al.'s code: bce_new / LwF.MC
+    bce_scale: float = bounded(5.0, gt=0)  # task_loss=bce*: factor of the BCE (Smith et al.'s ce_loss_scale = 5)
+    freeze_bn: bool = False  # train in eval mode (BatchNorm keeps its running statistics), as Smith et al.'s update_model
 
 
 def attention_parameters(model: nn.Module, blocks: Optional[List[int]] = None,
@@ -84,6 +98,7 @@ class L2(ParameterRegularization):
             for p in model.backbone.parameters():  # train only the chosen attention parameters (+ the head)
                 p.requires_grad_(p in keep)
             self.reg = QuadraticRegularizer(params)
+            self.setup_task_loss(ctx)
         else:
             if self.cfg.blocks is not None:
                 raise ClbenchError("strategy.blocks applies to params=attention only")
@@ -97,3 +112,4 @@ class L2(ParameterRegularization):
     def after_experience(self, exp, ctx: Context) -> None:
         if self.cfg.anchor == "previous":
             self.reg.consolidate()
+        super().after_experience(exp, ctx)

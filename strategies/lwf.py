@@ -16,6 +16,20 @@ sees (augmented ones included).  The paper's warm-up step (new head alone first)
 Avalanche's ``LwF`` computes the same loss (KL with ``batchmean``, no T^2, over the units of
 previously seen classes; tests/test_vs_avalanche_regularizers.py); its ``alpha`` may be a list,
 one per experience, where ours is one value.
+
+``variant: mc`` is LwF.MC (Rebuffi et al. 2017, iCaRL Sec. 2.2/4: LwF's multi-class variant) as in
+Smith et al. 2023's released code (``shaunak27/data-free-continual-learning`` @ 5388102,
+``learners/kd.py`` ``LWF_MC.update_model``, and the same loss inside ``EWC_MC`` with ``--KD``, their
+"prediction distillation"): one binary cross-entropy on the sigmoid of every seen class's logit,
+
+    L = bce_scale * mean_{samples, seen classes c} BCE(sigmoid(z_c), t_c),
+    t_c = sigmoid(z_teacher,c) for the old classes, one-hot of the label for the current ones,
+
+(``nn.BCELoss()``, mean over batch x seen classes; ``alpha``, ``temperature`` and ``t_squared`` are not
+used).  ``bce_scale``: 1 is iCaRL's, 5 the released code's ``ce_loss_scale``.  ``freeze_bn: true``
+trains in eval mode (BatchNorm keeps its running statistics), as their ``update_model`` does.
+Composed with EWC or L2 (``strategy: [lwf, ewc]``) this is their "ewc-mc" / "mc-l2" runs
+(tests/test_reference_smith2023.py; configs/repro/smith2023_*.yaml).
 """
 
 from __future__ import annotations
@@ -27,9 +41,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from clbench.registry import register_strategy
+from clbench.registry import ClbenchError, register_strategy
+from clbench.regularizers import one_hot, sigmoid_bce
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
-from clbench.validation import bounded
+from clbench.validation import bounded, choice
 
 
 @dataclass
@@ -38,6 +53,9 @@ class LwFConfig(StrategyConfig):
     alpha: float = bounded(1.0, ge=0)  # lambda_o, weight of the distillation term (paper: 1)
     temperature: float = bounded(2.0, gt=0)  # T (paper: 2)
     t_squared: bool = False  # scale the distillation term by T^2 (Hinton et al. 2015); the paper does not
+    variant: str = choice("kd", "kd", "mc")  # kd (Li & Hoiem: CE + alpha * KD) | mc (LwF.MC: sigmoid BCE, old classes' targets = sigmoid(teacher))
+    bce_scale: float = bounded(1.0, gt=0)  # variant=mc: factor of the BCE (iCaRL: 1; Smith et al.'s code: 5)
+    freeze_bn: bool = False  # train in eval mode (BatchNorm keeps its running statistics), as Smith et al.'s update_model
 
 
 @register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (Li & Hoiem 2016), class-IL distillation")
@@ -48,6 +66,8 @@ class LwF(Strategy):
 
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
+        if self.cfg.variant not in ("kd", "mc"):
+            raise ClbenchError(f"strategy.variant must be 'kd' or 'mc', got '{self.cfg.variant}'")
         self.teacher: torch.nn.Module | None = None
         self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
         self._x: torch.Tensor | None = None
@@ -65,7 +85,25 @@ class LwF(Strategy):
                       reduction="batchmean")
         return kd * t * t if self.cfg.t_squared else kd
 
+    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
+        if self.cfg.freeze_bn:
+            self.model.eval()
+        return batch
+
+    def mc_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """LwF.MC: ``bce_scale`` x BCE(sigmoid(z), t) over the allowed (seen) classes, t = one-hot on
+        the current classes and sigmoid(teacher logits) on the old ones."""
+        target = one_hot(batch.y, output.shape[1])
+        if self.teacher is not None and bool(self.old_classes.any()):
+            with torch.no_grad():
+                soft = torch.sigmoid(self.teacher(self._x).float())
+            target[:, self.old_classes] = soft[:, self.old_classes]
+        return sigmoid_bce(output, target, ctx.class_mask[batch.task], self.cfg.bce_scale)
+
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        if self.cfg.variant == "mc":
+            penalty = self.penalty(output, batch, ctx)
+            return self.mc_loss(output, batch, ctx) + penalty
         loss = super().loss(output, batch, ctx)
         if self.teacher is None or not bool(self.old_classes.any()):
             return loss
