@@ -48,8 +48,22 @@ Parity notes (the released code vs. this generator; we follow the paper):
   top the pool up to K (the paper's M%); ``exact_pool: false`` reproduces the code.
 * Fixed variant: the code drops the ``len(pool) % T`` samples left after equal sharing; we
   give them one each to the first tasks, so every training sample is used exactly once.
-* The code's random draws (``torch.randperm``/``randint`` on one generator seeded with the
-  run seed) are not replayed draw for draw: streams are statistically, not bitwise, equal.
+* ``sampler: clbench`` (default) makes its own draws (a class order from
+  :func:`~clbench.scenarios.class_incremental.resolve_class_order`, then a generator of its own),
+  so its streams equal the code's statistically, not bitwise.  It stays the default because it
+  differs in more than the order: the pooled samples are a random subset (not the files' first
+  ones) and exactly M% move.
+
+Parity mode ``sampler: official`` (:func:`assign_blurry_official`): the released sampler's
+draws replayed one for one -- ``torch.Generator().manual_seed(seed)``, ``randperm`` of the
+classes, the ``randint`` cut points, the first-k_j clipped pool, its ``randperm``, one
+``randperm`` per task -- so, given the same training-set order and seed, the per-task classes
+and every task's sample order are the code's exactly (``exact_pool`` does not apply;
+``class_order`` / ``shuffle_classes: false`` are refused).  ``variant: fixed`` then replays the
+code's fixed branch too (which drops the ``len(pool) % T`` left-over pooled samples).  Checked
+against the official ``OnlineSampler`` run inside the released ``_Trainer`` loop by
+``tests/test_reference_si_blurry.py`` (golden from ``tools/reference/si_blurry.py``), together
+with the A_auc trigger points of ``eval.online_points: official``.
 """
 
 from __future__ import annotations
@@ -87,6 +101,7 @@ class SiBlurryConfig:
     class_order: Optional[List[int]] = bounded(None, ge=0)  # explicit class permutation (overrides the seeded one)
     shuffle_classes: bool = True  # seeded random class permutation; false = sorted labels
     exact_pool: bool = True  # pool exactly M% of blurry samples (paper); false: the released code's clipped pool
+    sampler: str = choice("clbench", "clbench", "official")  # clbench (seeded random pool, exact M%) | official (the released OnlineSampler's draws, bit for bit)
 
 
 @dataclass(frozen=True)
@@ -203,6 +218,78 @@ def assign_blurry(y: torch.Tensor, n_disjoint: int, n_blurry_classes: int, n_tas
                             n_pooled=n_pooled, n_blurry_samples=n_blurry)
 
 
+def official_class_order(n_available: int, cfg: SiBlurryConfig, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """``sampler: official``: the class order and the generator as the released ``OnlineSampler``
+    draws them: one ``torch.Generator().manual_seed(seed)`` whose first draw is
+    ``torch.randperm(n_classes)`` (over ``scenario.classes``, sorted, when given)."""
+    if cfg.class_order is not None or not cfg.shuffle_classes:
+        raise ClbenchError("scenario.sampler=official draws the class order from the run seed as the released "
+                           "OnlineSampler does; drop scenario.class_order / scenario.shuffle_classes=false")
+    pool = torch.arange(n_available) if cfg.classes is None else torch.tensor(sorted(set(cfg.classes)), dtype=torch.int64)
+    if pool.numel() and (pool.min() < 0 or pool.max() >= n_available):
+        raise ClbenchError(f"scenario.classes must be labels in [0, {n_available}), got {cfg.classes}")
+    g = torch.Generator().manual_seed(seed)
+    return pool[torch.randperm(pool.numel(), generator=g)], g
+
+
+def assign_blurry_official(y: torch.Tensor, n_disjoint: int, n_blurry_classes: int, n_tasks: int,
+                           blurry_percent: float, variant: str, g: torch.Generator) -> BlurryAssignment:
+    """Steps 3-6 with the released sampler's draws (``sampler: official``; ``utils/online_sampler.py``
+    ``OnlineSampler`` @61bd5eb, written anew): ``y`` as in :func:`assign_blurry`, ``g`` the generator
+    that already drew the class order (:func:`official_class_order`).  Draw for draw:
+
+    * stochastic (``varing_NM``, what the released trainer always runs): ``randint`` cut points of
+      the disjoint classes (if any), of the blurry classes (if any), of the pool size
+      ``K = floor(#blurry samples * M / 100)`` (if K > 0), then ``randperm`` of the pool (if K > 0);
+    * fixed: each task pools the first ``floor(M% of its blurry samples)``, ``randperm`` of the
+      pool, ``len(pool) // T`` back to each task (the remainder is dropped, as there);
+    * then one ``randperm`` per task of [its disjoint samples, its remaining blurry samples, what
+      it received] -- the task's stream order.
+
+    Task j pools its *first* k_j blurry samples in dataset order and only as many as it has
+    (the code's clipped pool): the stream depends on the order of the training set's files."""
+    if variant not in VARIANTS:
+        raise ClbenchError(f"scenario.variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
+    n_d, n_b = n_disjoint, n_blurry_classes
+    n_classes = max(int(y.max()) + 1 if y.numel() else 0, n_d + n_b)
+    class_task = torch.full((n_classes,), -1, dtype=torch.int64)
+    if variant == "stochastic":
+        d_bounds, b_bounds = _random_cuts(n_d, n_tasks, g), _random_cuts(n_b, n_tasks, g)
+    else:
+        d_bounds = torch.arange(n_tasks + 1) * (n_d // n_tasks)
+        b_bounds = torch.arange(n_tasks + 1) * (n_b // n_tasks)
+    class_task[:n_d] = _owner(torch.arange(n_d), d_bounds)
+    class_task[n_d:n_d + n_b] = _owner(torch.arange(n_b), b_bounds)
+    disjoint = torch.arange(n_classes) < n_d
+    sample_task = class_task[y]
+    is_blurry = ~disjoint[y] & (sample_task >= 0)
+    own = [torch.nonzero((sample_task == t) & ~is_blurry).flatten() for t in range(n_tasks)]  # dataset order
+    blurry = [torch.nonzero((sample_task == t) & is_blurry).flatten() for t in range(n_tasks)]
+    n_blurry = int(is_blurry.sum())
+    if variant == "stochastic":
+        total = int(n_blurry * blurry_percent // 100)
+        k = _random_cuts(total, n_tasks, g).diff().tolist() if total > 0 else None
+    else:
+        k = [int(b.numel() * blurry_percent // 100) for b in blurry]
+    pool = torch.zeros(0, dtype=torch.int64)
+    if k is not None:
+        pool = torch.cat([b[:kj] for b, kj in zip(blurry, k)])
+        blurry = [b[kj:] for b, kj in zip(blurry, k)]
+        pool = pool[torch.randperm(pool.numel(), generator=g)]
+        share = k if variant == "stochastic" else [pool.numel() // n_tasks] * n_tasks
+        start = 0
+        for t in range(n_tasks):
+            blurry[t] = torch.cat([blurry[t], pool[start:start + share[t]]])
+            start += share[t]
+    order, task = [], []
+    for t in range(n_tasks):
+        idx = torch.cat([own[t], blurry[t]])
+        order.append(idx[torch.randperm(idx.numel(), generator=g)])
+        task.append(torch.full((idx.numel(),), t, dtype=torch.int64))
+    return BlurryAssignment(order=torch.cat(order), task=torch.cat(task), class_task=class_task, disjoint=disjoint,
+                            n_pooled=int(pool.numel()), n_blurry_samples=n_blurry)
+
+
 def first_appearance_order(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Classes sorted by their first position in ``labels`` (absent classes last, by id)."""
     first = torch.full((n_classes,), labels.numel(), dtype=torch.int64)
@@ -216,8 +303,14 @@ def first_appearance_order(labels: torch.Tensor, n_classes: int) -> torch.Tensor
 def si_blurry(cfg: SiBlurryConfig, seed: int, cache_dir: str | None = None) -> Stream:
     """Build the Si-Blurry stream (see the module docstring)."""
     dataset = load_dataset(cfg.dataset, cfg.data_root, cache_dir)
-    perm = resolve_class_order(dataset.num_classes, cfg, seed)  # type: ignore[arg-type]
     where = f"scenario si_blurry on {cfg.dataset}"
+    if cfg.sampler not in ("clbench", "official"):
+        raise ClbenchError(f"{where}: sampler must be 'clbench' or 'official', got '{cfg.sampler}'")
+    official = cfg.sampler == "official"
+    if official:
+        perm, g = official_class_order(dataset.num_classes, cfg, seed)
+    else:
+        perm, g = resolve_class_order(dataset.num_classes, cfg, seed), seeded_generator(seed, 17)  # type: ignore[arg-type]
     if cfg.n_tasks < 1:
         raise ClbenchError(f"{where}: n_tasks must be >= 1, got {cfg.n_tasks}")
     if not 0 <= cfg.disjoint_percent <= 100:
@@ -229,8 +322,11 @@ def si_blurry(cfg: SiBlurryConfig, seed: int, cache_dir: str | None = None) -> S
     kept = perm[:n_d + n_b]  # step 1: left-over classes are dropped
     train, _ = remap_labels(dataset, kept)  # label c = kept[c]: 0..n_d-1 disjoint, then blurry
     try:
-        a = assign_blurry(train.y.cpu(), n_d, n_b, cfg.n_tasks, cfg.blurry_percent, cfg.variant,
-                          seeded_generator(seed, 17), exact_pool=cfg.exact_pool)
+        if official:
+            a = assign_blurry_official(train.y.cpu(), n_d, n_b, cfg.n_tasks, cfg.blurry_percent, cfg.variant, g)
+        else:
+            a = assign_blurry(train.y.cpu(), n_d, n_b, cfg.n_tasks, cfg.blurry_percent, cfg.variant, g,
+                              exact_pool=cfg.exact_pool)
     except ClbenchError as err:
         raise ClbenchError(f"{where}: {err}") from None
     # Relabel in order of first appearance in the stream (sample indices are unchanged).
@@ -255,7 +351,8 @@ def si_blurry(cfg: SiBlurryConfig, seed: int, cache_dir: str | None = None) -> S
         first_label = end
     owned = lambda mask: [sorted(lookup[(a.class_task == t) & mask].tolist()) for t in range(cfg.n_tasks)]  # noqa: E731
     info = {
-        "dataset": dataset.name, "variant": cfg.variant, "n_disjoint_classes": n_d, "n_blurry_classes": n_b,
+        "dataset": dataset.name, "variant": cfg.variant, "sampler": cfg.sampler,
+        "n_disjoint_classes": n_d, "n_blurry_classes": n_b,
         "dropped_classes": perm[n_d + n_b:].tolist(),
         "disjoint_classes": owned(a.disjoint), "blurry_classes": owned(~a.disjoint),
         "n_pooled": a.n_pooled, "n_blurry_samples": a.n_blurry_samples,
