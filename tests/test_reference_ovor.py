@@ -176,23 +176,25 @@ def test_oneprompt_training_steps_equal_the_released_code_on_vit_tiny():
             batch = Batch(x, y, torch.zeros_like(y))
             out = strategy.forward(x, batch, ctx)
             assert out.ood_logits is None and out.aux_loss is None  # no keys, no VOR here
-            torch.testing.assert_close(out.logits.detach(), gold[f"step{step}/logits"], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(out.logits.detach(), gold[f"step{step}/logits"], atol=1e-5, rtol=1e-5)
             loss = strategy.loss(out, batch, ctx)
             torch.testing.assert_close(loss.detach(), gold["loss"][step], atol=1e-5, rtol=1e-5)
             opt.zero_grad()
             loss.backward()
             grads = _prompt_grads(strategy, model)
             for name, grad in grads.items():
-                torch.testing.assert_close(grad.norm(), gold[f"step{step}/grad_norm/{name}"], atol=1e-6, rtol=1e-4)
-                if step == 0:
-                    torch.testing.assert_close(grad, gold[f"step0/grad/{name}"], atol=1e-6, rtol=1e-4)
+                torch.testing.assert_close(grad.norm(), gold[f"step{step}/grad_norm/{name}"], atol=0, rtol=1e-4)
+                if step == 0:  # prompt gradients are ~1e-5: tolerance relative to the largest entry
+                    ref = gold[f"step0/grad/{name}"]
+                    torch.testing.assert_close(grad, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
             opt.step()
             step += 1
     assert step == gold["loss"].numel() == 4
+    # prompts after 4 Adam steps: each step moves an entry by up to lr = 1e-3; compare the change from the init
     g, ep = strategy.prompt.g.prompts[0].detach(), strategy.prompt.e.prompts[0].detach()
-    for j, i in enumerate((0, 1)):
-        torch.testing.assert_close(g[j, 0], gold[f"final/prompt/g_p_{i}"], atol=1e-6, rtol=1e-5)
-    for j, i in enumerate((2, 3, 4)):
-        torch.testing.assert_close(ep[j, 0], gold[f"final/prompt/e_p_{i}"], atol=1e-6, rtol=1e-5)
+    final = {**{f"g_p_{i}": g[j, 0] for j, i in enumerate((0, 1))}, **{f"e_p_{i}": ep[j, 0] for j, i in enumerate((2, 3, 4))}}
+    for name, value in final.items():
+        init = gold[f"init/prompt/{name}"].float()
+        torch.testing.assert_close(value - init, gold[f"final/prompt/{name}"] - init, atol=1e-5, rtol=0)
     torch.testing.assert_close(model.head.weight.detach(), gold["final/last/weight"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(model.head.bias.detach(), gold["final/last/bias"], atol=1e-6, rtol=1e-5)
