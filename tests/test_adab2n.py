@@ -324,3 +324,77 @@ def test_tiny_online_run_both_norms(tmp_path, name):
         else:
             assert not layers
     assert matrices["adab2n"] != matrices["bn"]
+
+
+# --------------------------------------------------------------------------- parity switches (issue 13)
+
+
+def test_er_ace_replay_start_second_task_is_plain_ce_without_replay_in_the_first_experience():
+    """mammoth er_ace.py / er_ace_ada.py: ``if self.task > 0`` gates both the replay and the mask."""
+    ctx = _ctx()
+    strategy = _strategy("er_ace", ctx, "strategy.replay_start=second_task", "strategy.unseen_logits=true")
+    first = _batch(ctx, [1], 4, experience=0)  # only class 1: the ACE mask would hide class 0
+    _, out, loss = _step(strategy, first, ctx)
+    strategy.after_step(first, ctx)
+    full, out, loss = _step(strategy, first, ctx)  # buffer non-empty, still experience 0
+    assert len(full) == len(first) and set(strategy.last_terms) == {"ce_incoming"}
+    assert (out.grad.abs().sum(0) > 0).all()  # plain CE over all 10 logits, class 0 included
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.cross_entropy(out.detach(), first.y))
+    ctx.experience, ctx.class_mask = 1, ctx.stream.class_mask(1)
+    second = _batch(ctx, [5, 6], 2, experience=1)
+    full, out, _ = _step(strategy, second, ctx)
+    assert len(full) == 2 * len(second) and "ce_buffer" in strategy.last_terms  # replay from the second task
+    default = _strategy("er_ace", _ctx(), "strategy.unseen_logits=true")
+    _, out, _ = _step(default, first, _ctx())
+    assert (out.grad[:, 0] == 0).all()  # default: the ACE mask from the first step (class 0 absent, below seen max)
+
+
+def test_er_ace_unseen_logits_stop_at_the_last_class():
+    """``if seen_so_far.max() < num_classes - 1: mask[:, seen_so_far.max():] = 1``: once the last
+    class id is seen, only the present classes remain."""
+    ctx = _ctx()
+    strategy = _strategy("er_ace", ctx, "strategy.unseen_logits=true")
+    strategy.seen[9] = True
+    ctx.experience, ctx.class_mask = 1, ctx.stream.class_mask(1)
+    _, out, _ = _step(strategy, _batch(ctx, [5, 6], 2, experience=1), ctx)
+    g = out.grad.abs().sum(0)
+    assert (g[[5, 6]] > 0).all() and (g[[0, 1, 2, 3, 4, 7, 8, 9]] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["er_ace", "derpp"])
+def test_separate_forwards_run_each_part_alone_and_need_bn(name):
+    ctx = _ctx()
+    strategy = _strategy(name, ctx, "strategy.replay_forward=separate", "strategy.replay_batch_size=3")
+    batch = _batch(ctx, [0, 1], 2, experience=0)
+    _step(strategy, batch, ctx)
+    strategy.after_step(batch, ctx)
+    calls = []
+    hook = strategy.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    full, out, _ = _step(strategy, batch, ctx)
+    hook.remove()
+    assert calls == ([4, 3] if name == "er_ace" else [4, 3, 3]) and out.shape[0] == len(full)
+    strategy.model.eval()  # with batch-independent BN the separate and the joint forward agree
+    x = ctx.inputs(full.x)
+    torch.testing.assert_close(strategy.forward(x, full, ctx), strategy.model(x))
+    with pytest.raises(ValueError, match="separate"):
+        _strategy(name, _ctx(), "strategy.replay_forward=separate", "strategy.norm=adab2n")
+
+
+def test_cosine_classifier_option():
+    from clbench.models import CosineLinear
+
+    cfg = component_config(load_config(None, ["model=resnet18", "model.nf=4", "model.classifier=cosine",
+                                              "model.cosine_scale=10"]).model)
+    torch.manual_seed(0)
+    model = build_model(cfg, (3, 8, 8), 10)
+    assert isinstance(model.head, CosineLinear) and model.head.bias is None and model.head.weight.shape == (10, 32)
+    x = torch.randn(5, 3, 8, 8)
+    scores = model(x)
+    f = torch.nn.functional.normalize(model.features(x), dim=1)
+    w = torch.nn.functional.normalize(model.head.weight, dim=1)
+    torch.testing.assert_close(scores, 10 * f @ w.t(), rtol=1e-3, atol=1e-3)  # eps 1e-5 on the norms aside
+    assert float(scores.detach().abs().max()) <= 10.0
+    linear = build_model(component_config(load_config(None, ["model=resnet18", "model.nf=4"]).model), (3, 8, 8), 10)
+    assert type(linear.head) is torch.nn.Linear
+    with pytest.raises(Exception):
+        load_config(None, ["model=resnet18", "model.classifier=arc"])
