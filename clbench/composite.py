@@ -211,6 +211,9 @@ class Composite(Strategy):
                 total = total + c.penalty(output, batch, ctx)
         return total
 
+    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        return self.owner.task_loss(output, batch, ctx)
+
     def penalty(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | float:
         return sum((c.penalty(output, batch, ctx) for c in self.components.values()), 0.0)
 

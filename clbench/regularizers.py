@@ -286,20 +286,22 @@ class ParameterRegularization(Strategy):
 
     def setup_task_loss(self, ctx: Context) -> None:
         """Check ``task_loss``; start the record of the classes of finished experiences (``bce_new``)."""
-        if self.cfg.task_loss not in TASK_LOSSES:
-            raise ClbenchError(f"strategy.task_loss must be one of {', '.join(TASK_LOSSES)}, got '{self.cfg.task_loss}'")
+        choice = getattr(self.cfg, "task_loss", "ce")  # SI and MAS have no task_loss option
+        if choice not in TASK_LOSSES:
+            raise ClbenchError(f"strategy.task_loss must be one of {', '.join(TASK_LOSSES)}, got '{choice}'")
         self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
 
     def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
-        if self.cfg.freeze_bn:
+        if getattr(self.cfg, "freeze_bn", False):
             self.model.eval()
         return batch
 
     def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        if self.cfg.task_loss == "ce":
+        choice = getattr(self.cfg, "task_loss", "ce")
+        if choice == "ce":
             return super().task_loss(output, batch, ctx)
         allowed = ctx.class_mask[batch.task]
-        if self.cfg.task_loss == "bce_new":
+        if choice == "bce_new":
             allowed = allowed & ~self.old_classes
         return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
 

@@ -27,7 +27,7 @@ order; ``before_experience``, ``before_optimizer_step``, ``after_step`` and ``af
 run in order.  Losses add: exactly one component, the *owner* (the one that overrides ``loss`` or
 ``predict``, else the first), gives ``loss`` (its task loss and penalty) and ``predict``; every
 other one adds its ``penalty`` (default 0: a regulariser such as EWC or L2 implements ``penalty``,
-not ``loss``).  ``forward``, ``training_experiences`` and ``param_groups`` are the one overriding
+not ``loss``); ``task_loss`` is the owner's (a non-owner whose ``task_loss`` option is not ``ce`` is refused).  ``forward``, ``training_experiences`` and ``param_groups`` are the one overriding
 component's (else the default); merged groups put its groups first, then the other components'
 parameters not yet in a group.  State dicts nest by component name.  Refused when the config is
 loaded, naming both: two components that override the same one of ``forward``,
