@@ -19,6 +19,7 @@ which runs the official ``learners/ood.py`` (NPOS outlier synthesis and energy l
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -198,3 +199,24 @@ def test_oneprompt_training_steps_equal_the_released_code_on_vit_tiny():
         torch.testing.assert_close(value - init, gold[f"final/prompt/{name}"] - init, atol=1e-5, rtol=0)
     torch.testing.assert_close(model.head.weight.detach(), gold["final/last/weight"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(model.head.bias.detach(), gold["final/last/bias"], atol=1e-6, rtol=1e-5)
+
+
+def test_ovor_repro_configs_follow_the_released_recipe():
+    """configs/repro/{oneprompt,ovor}_imagenet_r.yaml = experiments/imagenet-r.sh with configs/imnet-r_prompt.yaml,
+    configs/common.yaml and run.py's NPOS defaults (jpmorganchase/ovor@4f59b75)."""
+    from clbench.config import load_config
+
+    repro = Path(__file__).resolve().parents[1] / "configs" / "repro"
+    one = load_config(repro / "oneprompt_imagenet_r.yaml", [])
+    ovor = load_config(repro / "ovor_imagenet_r.yaml", [])
+    for cfg in (one, ovor):
+        s, t = cfg.strategy, cfg.train
+        assert s.name == "oneprompt" and (s.g_length, list(s.g_layers), s.e_length, list(s.e_layers)) == (10, [0, 1], 40, [2, 3, 4])
+        assert s.mask_past_logits and cfg.model.normalize == "none" and cfg.scenario.n_tasks == 10
+        assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.scheduler) == ("adam", 0.001, 128, 50, "coda_cosine")
+    assert not one.strategy.vor
+    s = ovor.strategy
+    assert s.vor and s.vor_fraction == pytest.approx(10 / 50) and s.vor_epochs == 10  # --epochs 0 40 10
+    assert (s.vor_lambda, s.vor_sigma, s.vor_tau_id, s.vor_tau_ood) == (0.1, 0.1, -15.0, -3.0)  # common.yaml ood
+    assert (s.vor_k, s.vor_select, s.vor_sample_from, s.vor_per_class) == (50, 50, 600, 40)  # run.py defaults
+    assert s.vor_outlier_center == "origin"  # the released synthesis, which produced the published numbers
