@@ -45,8 +45,16 @@ Differences from the official code (paper behaviour by default):
 * Its ``train_classifiers.py::normalize_train_features`` L2-normalises every 512-sample
   loader batch except the first (``matrix = matrix_mix[0][0]``): the first 512 training rows
   (in class order) reach the SVMs unnormalised.  A bug; clbench normalises every row.
-  ``parity_unnormalized_first_512: true`` reproduces it (rows sorted by class as there; the
-  order *within* a class of the released file list is not reproduced).
+  ``parity_unnormalized_first_512: true`` reproduces it: the rows are stacked in the released
+  order of classes (utilsCIL's ``L4FeaturesDataset`` sorts the class folders as strings: 0, 10,
+  11, ..., 1, 2, ...; see :func:`official_row_rank`), so the same classes stay unnormalised; the
+  order *within* a class (``os.listdir`` of one file per row, file-system dependent) is not
+  reproduced, so where the 512-row boundary cuts a class, which of its rows stay unnormalised
+  differs.  It also labels each binary problem as the released code does (its '+1'/'-1' labels
+  become the strings '+'/'-', so LinearSVC's positive class is "not c"; the weights are negated
+  back): the same optimum, but liblinear's stopping point then matches the released one to
+  rounding instead of to within its tolerance.  ``tests/test_reference_fetril.py`` checks both
+  modes against the released scripts (``tools/reference/fetril.py``).
 * It trains one binary ``LinearSVC`` per class in a process pool and writes the weights to
   text files; here the per-class fits run in threads (liblinear releases the GIL) and the
   weights stay tensors.  The problems solved are the same.
@@ -103,7 +111,7 @@ class FeTrILConfig(StrategyConfig):
     feature_batch_size: int = bounded(256, ge=1)  # images per forward pass when extracting features
     n_jobs: int = bounded(-1, ge=-1)  # threads for the per-class SVM fits (-1: all cores; results do not depend on it)
     initial_model: Optional[str] = path(None)  # a model state_dict (.pt) to use as the initial model: experience 0 is not trained
-    parity_unnormalized_first_512: bool = False  # official-code bug: the first 512 SVM training rows stay unnormalised
+    parity_unnormalized_first_512: bool = False  # released-code parity: the first 512 SVM rows (official class order) stay unnormalised, SVMs labelled as released
 
     def validate(self) -> None:
         require(self.n_jobs != 0, "strategy.n_jobs must be -1 (all cores) or >= 1, got 0")
@@ -170,7 +178,8 @@ class FeTrIL(Strategy):
         pseudo, pseudo_y, nearest = translate(feats, labels, new, new_means, past, self.means[past])
         x = torch.cat([feats.double(), pseudo])
         y = torch.cat([labels, pseudo_y])
-        order = torch.sort(y, stable=True).indices  # class order, as the official code's file list
+        key = official_row_rank(self.seen.numel(), y.device)[y] if self.cfg.parity_unnormalized_first_512 else y
+        order = torch.sort(key, stable=True).indices  # rows grouped by class (parity: in the official file-list order)
         x, y = x[order], y[order]
         classes = self.seen.nonzero().flatten()
         fit_start = time.perf_counter()
@@ -224,7 +233,8 @@ class FeTrIL(Strategy):
             weight, bias = fit_linear_svms_torch(x, y, classes, c=cfg.svm_c, tol=cfg.svm_tol, max_iter=cfg.svm_max_iter)
         else:
             w, b = fit_linear_svms(x.cpu().numpy(), y.cpu().numpy(), classes.cpu().numpy(), c=cfg.svm_c,
-                                   tol=cfg.svm_tol, max_iter=cfg.svm_max_iter, n_jobs=cfg.n_jobs)
+                                   tol=cfg.svm_tol, max_iter=cfg.svm_max_iter, n_jobs=cfg.n_jobs,
+                                   rest_positive=cfg.parity_unnormalized_first_512)
             weight, bias = torch.from_numpy(w), torch.from_numpy(b)
         self.weight.zero_()
         self.bias.zero_()
@@ -270,6 +280,17 @@ def class_means(feats: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
     return sums[classes] / counts.unsqueeze(1)
 
 
+def official_row_rank(n_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rank of each class in the order the official ``train_classifiers.py`` stacks the SVM training rows:
+    utilsCIL's ``L4FeaturesDataset`` lists the folders ``'<c>_decomposed'`` through ``np.sort``, i.e. as
+    strings (0, 10, 11, ..., 19, 1, 2, 20, ... for 21+ classes), which decides which classes fall in the
+    unnormalised first 512 rows."""
+    names = sorted(range(n_classes), key=lambda c: f"{c}_decomposed")
+    rank = torch.empty(n_classes, dtype=torch.long)
+    rank[torch.tensor(names, dtype=torch.long)] = torch.arange(n_classes)
+    return rank.to(device)
+
+
 def nearest_new_class(past_means: torch.Tensor, new_means: torch.Tensor) -> torch.Tensor:
     """For each past centroid, the position (in ``new_means``) of the closest new centroid
     (Euclidean; first on ties, like ``np.argmin`` in the official code)."""
@@ -304,9 +325,15 @@ def translate(feats: torch.Tensor, labels: torch.Tensor, new_classes: torch.Tens
 
 
 def fit_linear_svms(x: np.ndarray, y: np.ndarray, classes: np.ndarray, c: float = 1.0, tol: float = 1e-4,
-                    max_iter: int = 1000, n_jobs: int = -1) -> tuple[np.ndarray, np.ndarray]:
+                    max_iter: int = 1000, n_jobs: int = -1, rest_positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest ``LinearSVC`` per class (the official code's settings): returns ``W [K, D]``
-    and ``b [K]`` for ``classes`` (positive side = the class)."""
+    and ``b [K]`` for ``classes`` (positive side = the class).
+
+    ``rest_positive``: label the problem as the released ``train_classifiers.py`` does -- its labels
+    '+1'/'-1' are truncated to the one-character strings '+'/'-', so LinearSVC's positive class is '-'
+    ("not the class") -- and return the negated solution.  The optimum is the same; liblinear's
+    iterates are not sign-symmetric, so this reproduces the released weights to rounding, where the
+    default encoding agrees only to within the solver tolerance (~1e-3 on unnormalised rows)."""
     from joblib import Parallel, delayed
     from sklearn.svm import LinearSVC
 
@@ -317,6 +344,9 @@ def fit_linear_svms(x: np.ndarray, y: np.ndarray, classes: np.ndarray, c: float 
     def fit(cls: int) -> tuple[np.ndarray, float]:
         svm = LinearSVC(penalty="l2", loss="squared_hinge", dual=False, C=c, tol=tol, fit_intercept=True,
                         intercept_scaling=1, max_iter=max_iter)
+        if rest_positive:
+            svm.fit(x, (y != cls).astype(np.int64))
+            return -svm.coef_[0], -float(svm.intercept_[0])
         svm.fit(x, (y == cls).astype(np.int64))
         return svm.coef_[0], float(svm.intercept_[0])
 
