@@ -8,6 +8,12 @@ every task (never frozen).  There is no query, so one ViT forward per image (the
 ``q = zeros``).  OVOR = OnePrompt with ``vor: true`` (virtual outlier regularisation,
 :mod:`clbench.vor`; the paper's OVOR uses E1 + E2 = 40 + 10 epochs on ImageNet-R, 16 + 4 on
 CIFAR-100: ``vor_fraction: 0.2``).
+
+Recipes: ``configs/repro/oneprompt_imagenet_r.yaml`` and ``configs/repro/ovor_imagenet_r.yaml``
+(the released ``experiments/imagenet-r.sh``; OVOR with ``vor_outlier_center: origin``, the released
+outlier synthesis).  Parity with the released code: ``tests/test_reference_ovor.py`` (4 Adam steps
+of ``_train_one_epoch`` on the ViT-Tiny/8: logits to ~1e-6, prompt gradients to 1e-5 of their
+scale).
 """
 
 from __future__ import annotations
