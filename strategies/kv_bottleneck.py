@@ -15,7 +15,7 @@ ICML 2023 (arXiv:2207.11240), Sec. 3 (Eq. 1-3); official code ``ftraeuble/discre
    Tiny-ImageNet's 100 pretraining classes of the ViT-Tiny when the stream uses the other 100):
    nearest key per head (Euclidean), ``N <- g N + (1-g) n``, ``m <- g m + (1-g) sum h``,
    ``k = m / N~`` with Laplace-smoothed ``N~`` (eps 1e-5), keys whose EMA count falls below
-   ``0.1 * batch / J`` re-drawn from the batch's heads.  Then they are frozen.
+   ``0.1 * batch / J`` re-drawn from the batch's heads (``dead_key_reset``, below).  Then they are frozen.
 4. Values ``v_cj in R^{d_v}``, ``d_v = #classes``, **initialised to zeros**: the only trained
    parameters.  Each input selects one key per codebook (``argmin_j ||h_c - k_cj||``); since the
    selection does not depend on the values, a gradient step changes only the selected values.
@@ -27,6 +27,34 @@ ICML 2023 (arXiv:2207.11240), Sec. 3 (Eq. 1-3); official code ``ftraeuble/discre
 
 Paper's training recipe (set in ``train.*``): SGD lr 0.3, batch 256, gradient clipping 1.0,
 no weight decay (weight decay would move every value, not only the selected ones).
+
+Parity with the released code (``core.py`` @ 1987958, ``scripts/train.py`` @ abd0c7a):
+
+* ``dead_key_reset``: ``released`` (default, the code's ``expire_codes_``): the threshold is
+  ``threshold_factor * batch_size * h * w / J`` with the *nominal* batch size (``get_threshold_ema_dead_code``),
+  a dead key is replaced by a random head of the batch only in ``keys`` -- its EMA count and sum are left as
+  they are, so the next step recomputes it from them, and the sample serves for the next step's selection
+  (and stays if the fitting ends there).  ``persistent`` (clbench's earlier behaviour, as later
+  vector-quantisation code, e.g. lucidrains' ``vector-quantize-pytorch``, does): threshold from the actual
+  batch size, and the key's EMA count/sum restart at ``threshold`` / ``sample * threshold``, so the
+  replacement persists.  The paper does not specify this detail.
+* EMA updates use the code's ``ema_inplace`` arithmetic (``x.mul_(decay).add_(new, alpha=1 - decay)``).
+* ``cl_epochs`` (``scripts/train.py``: ``for class_list in class_splits: for epoch in range(cl_epochs): for
+  batch in DataLoader(task's training split, batch_size=256, shuffle=True)``) is the number of full shuffled
+  passes over the *current task's* training data, the last partial batch included: clbench's
+  ``train.epochs`` (passes over each experience's data, ``ceil(n / batch_size)`` iterations each) with
+  ``train.batch_size: 256``.  Argparse default 2000 (the CIFAR-10 sweeps do not set it: 5 tasks x 40
+  iterations x 2000 = 80,000 SGD steps per task); the CIFAR-100 sweep sets 500 (50 tasks of 2 classes,
+  1,000 images: 4 x 500 = 2,000 steps per task).  ``epoch_factor`` only scales a logged counter.
+  ``configs/repro/kv_bottleneck_cifar10.yaml`` / ``kv_bottleneck_cifar100.yaml``.
+* Class order: seeds 0 and 42 use the fixed order [[0, 1], [2, 3], ...]; the sweeps' seeds 1-5 shuffle
+  the classes with Python's ``random`` (not reproducible here: clbench's scenario draws its own order).
+
+Reference test: ``tests/test_reference_kv_bottleneck.py`` against the golden ``kv_bottleneck`` written by
+``tools/reference/kv_bottleneck.py`` from the two official repositories: key fitting with dead-key expiry
+(6 EMA steps; selected keys exact, keys equal), value training (8 SGD steps over 2 tasks with clipping;
+selections, logits, losses, gradient norms and values equal), selection counters and the masked
+evaluation -- bit-exact in that case, held to 1e-5 (keys) / 1e-6 (values).
 """
 
 from __future__ import annotations
@@ -41,7 +69,7 @@ from torch.nn import functional as F
 from clbench.registry import ClbenchError, register_strategy
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig, no_progress
 from clbench.scenarios.base import seeded_generator
-from clbench.validation import bounded, path
+from clbench.validation import bounded, choice, path
 
 
 @dataclass
@@ -55,6 +83,7 @@ class KVBottleneckConfig(StrategyConfig):
     ema_decay: float = bounded(0.95, ge=0, le=1)
     ema_eps: float = bounded(1e-5, gt=0)  # Laplace smoothing of the EMA cluster sizes
     dead_key_fraction: float = bounded(0.1, ge=0, le=1)  # keys with EMA count < fraction * batch / J are re-drawn
+    dead_key_reset: str = choice("released", "released", "persistent")  # released (core.py: redrawn for one selection) | persistent
     pretrain_dataset: Optional[str] = None  # unlabelled key-init data (null: the stream's dataset)
     pretrain_data_root: Optional[str] = path(None)  # its folder (null: the dataset's default lookup)
     pretrain_classes: Optional[List[int]] = bounded(None, ge=0)  # original labels used (null: all not in the stream)
@@ -109,9 +138,12 @@ class KeyValueBottleneck(nn.Module):
     @torch.no_grad()
     def fit_keys(self, z: torch.Tensor, epochs: int, batch_size: int, decay: float, eps: float,
                  dead_fraction: float, generator: torch.Generator,
-                 progress: Callable[..., Iterable[Any]] = no_progress) -> None:
+                 progress: Callable[..., Iterable[Any]] = no_progress, dead_reset: str = "released") -> None:
         """EMA k-means of the keys on features ``z [N, D]`` (see the module docstring, step 3);
-        each mini-batch step is reported to ``progress`` (``Context.progress``)."""
+        each mini-batch step is reported to ``progress`` (``Context.progress``).  ``dead_reset``:
+        ``released`` or ``persistent``, see ``KVBottleneckConfig.dead_key_reset`` (module docstring)."""
+        if dead_reset not in ("released", "persistent"):
+            raise ClbenchError(f"kv_bottleneck: dead_key_reset must be released or persistent, got '{dead_reset}'")
         c, j, dk = self.keys.shape
         cluster = torch.zeros(c, j, device=z.device)
         key_sum = self.keys.clone()
@@ -129,19 +161,21 @@ class KeyValueBottleneck(nn.Module):
             flat = (self.select(h) + torch.arange(c, device=h.device) * j).flatten()  # [B*C] in C*J
             counts = torch.bincount(flat, minlength=c * j).view(c, j).to(h.dtype)
             sums = torch.zeros(c * j, dk, device=h.device).index_add_(0, flat, h.reshape(-1, dk)).view(c, j, dk)
-            cluster.lerp_(counts, 1 - decay)
-            key_sum.lerp_(sums, 1 - decay)
+            cluster.mul_(decay).add_(counts, alpha=1 - decay)  # the code's ema_inplace, same rounding
+            key_sum.mul_(decay).add_(sums, alpha=1 - decay)
             total = cluster.sum(-1, keepdim=True)
             smoothed = (cluster + eps) / (total + j * eps) * total
             self.keys.copy_(key_sum / smoothed.unsqueeze(-1))
-            threshold = dead_fraction * b / j
+            # released: the code's constant threshold from the nominal batch size; persistent: this batch's size
+            threshold = dead_fraction * (batch_size if dead_reset == "released" else b) / j
             dead = cluster < threshold  # [C, J]
             if bool(dead.any()):
                 pick = torch.randint(0, b, (c, j), generator=generator).to(z.device)
                 samples = h.transpose(0, 1).gather(1, pick.unsqueeze(-1).expand(c, j, dk))  # [C, J, dk]
                 self.keys.copy_(torch.where(dead.unsqueeze(-1), samples, self.keys))
-                cluster.masked_fill_(dead, threshold)
-                key_sum.copy_(torch.where(dead.unsqueeze(-1), samples * threshold, key_sum))
+                if dead_reset == "persistent":  # also restart the key's EMA statistics at the sample
+                    cluster.masked_fill_(dead, threshold)
+                    key_sum.copy_(torch.where(dead.unsqueeze(-1), samples * threshold, key_sum))
 
 
 @register_strategy("kv_bottleneck", config=KVBottleneckConfig,
@@ -158,7 +192,7 @@ class KVBottleneck(Strategy):
                                       ctx.stream.num_classes, gen).to(ctx.device)
         feats = self._pretrain_features(ctx)
         model.kv.fit_keys(feats, cfg.init_epochs, cfg.init_batch_size, cfg.ema_decay, cfg.ema_eps,
-                          cfg.dead_key_fraction, gen, ctx.progress)
+                          cfg.dead_key_fraction, gen, ctx.progress, dead_reset=cfg.dead_key_reset)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.model.kv.values]}]
