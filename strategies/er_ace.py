@@ -34,7 +34,8 @@ for BN, ``models/er_ace_ada.py`` for AdaB2N; checked against it by
   ``methods/er_ace.py``) replays as soon as the buffer holds samples, with the ACE mask from the
   first step; ``second_task`` (mammoth's ``er_ace.py``/``er_ace_ada.py``: ``if self.task > 0``)
   trains the first experience on the incoming batch alone with a plain CE over ALL logits (no
-  mask, no replay; the buffer still fills), from the second experience on as above.
+  mask, no replay, no AdaB2N term whatever ``ada_t0``; the buffer still fills), from the second
+  experience on as above.
 * ``replay_forward``: ``joint`` (default; ``er_ace_ada.py``'s batching) or ``separate``: the
   incoming and the buffer batch through the model in two forwards, incoming first, as
   mammoth's BN ``er_ace.py`` (so BN normalises and updates its running statistics per part;
@@ -121,6 +122,10 @@ class ERACE(JointReplayStrategy):
             loss_buf = masked_cross_entropy(logits[n:], batch.y[n:], buf_allowed)
             loss = loss + loss_buf
             terms["ce_buffer"] = loss_buf
+        if self._first_task_plain(ctx):  # er_ace_ada.py: no AdaB2N term either while self.task == 0
+            self.norm.penalty(self.model, ctx.experience)  # consumed, not added
+            self.last_terms = {k: v.detach() for k, v in terms.items()}
+            return loss
         return self.total_loss(loss, terms, ctx)
 
     def after_step(self, batch: Batch, ctx: Context) -> None:

@@ -29,6 +29,10 @@ from reference_golden import load_golden
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32, different summation order (weighted sums vs. var_mean)
+# the whole state after 3 SGD steps: BN over a few samples at the 1x1 last stage amplifies float32 rounding
+# (~1e-7 after step 1) about 10-30x per step; largest difference seen 2.8e-5 (AdaB2N task-0 case); the
+# BN (separate forward) cases are bitwise equal
+FINAL_TOL = dict(rtol=1e-4, atol=5e-5)
 
 
 def _assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float = 1e-4) -> None:
@@ -117,12 +121,13 @@ class InjectedBuffer:
 
     def __init__(self, draws: list[dict[str, torch.Tensor]]):
         self.draws = iter(draws)
-        self.added = 0
+        self.added = self.used = 0
 
     def __len__(self) -> int:
         return 1
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
+        self.used += 1
         return next(self.draws)
 
     def add(self, **tensors) -> None:
@@ -173,8 +178,8 @@ def _run(golden: str, strategy_name: str, *overrides: str):
         strategy.after_step(batch, ctx)
         losses.append(float(loss.detach()))
         heads.append((model.head.weight.detach().clone(), model.head.bias.detach().clone()))
-    assert next(strategy.buffer.draws, None) is None  # every draw used, as the official run
-    return g, torch.tensor(losses, dtype=torch.float64), heads, model.state_dict()
+    strategy.draws_used = strategy.buffer.used
+    return g, torch.tensor(losses, dtype=torch.float64), heads, model.state_dict(), strategy
 
 
 def _assert_matches(g, losses, heads, state) -> float:
@@ -189,7 +194,7 @@ def _assert_matches(g, losses, heads, state) -> float:
         if k.endswith("num_batches_tracked"):
             assert int(ours) == int(v), k
             continue
-        torch.testing.assert_close(ours, v, **TOL, msg=k)
+        torch.testing.assert_close(ours, v, **FINAL_TOL, msg=k)
         worst = max(worst, float((ours - v).abs().max()))
     return worst
 
@@ -199,6 +204,8 @@ ADA = ["strategy.norm=adab2n", "strategy.adab2n_variant=released", "strategy.kap
 CASES = {  # golden -> (strategy, parity overrides)
     "adab2n_er_ace_bn": ("er_ace", ["strategy.norm=bn", "strategy.replay_forward=separate", "strategy.unseen_logits=true"]),
     "adab2n_er_ace_ada": ("er_ace", [*ADA, "strategy.unseen_logits=true"]),
+    # task 0: mammoth's first task (no replay, no mask, no AdaB2N term); same flags as the repro config
+    "adab2n_er_ace_ada_task0": ("er_ace", [*ADA, "strategy.unseen_logits=true", "strategy.replay_start=second_task"]),
     "adab2n_derpp_bn": ("derpp", ["strategy.norm=bn", "strategy.replay_forward=separate", "strategy.alpha=0.2",
                                   "strategy.beta=0.5"]),
     "adab2n_derpp_ada": ("derpp", [*ADA, "strategy.alpha=0.2", "strategy.beta=0.5"]),
@@ -208,8 +215,9 @@ CASES = {  # golden -> (strategy, parity overrides)
 @pytest.mark.parametrize("golden", sorted(CASES))
 def test_training_steps_match_the_released_code_in_parity_mode(golden):
     name, overrides = CASES[golden]
-    g, losses, heads, state = _run(golden, name, *overrides)
+    g, losses, heads, state, strategy = _run(golden, name, *overrides)
     assert g.repository == "lvyilin/AdaB2N" and g.commit.startswith("9aaba7e")
+    assert strategy.draws_used == g.extra["draws_used"]  # the buffer was drawn from as often as in the official run
     _assert_matches(g, losses, heads, state)
 
 
@@ -219,6 +227,7 @@ DEVIATIONS = {
     "er_ace masks over seen classes": ("adab2n_er_ace_bn", "strategy.unseen_logits=false"),
     "er_ace_ada paper variant": ("adab2n_er_ace_ada", "strategy.adab2n_variant=paper"),
     "er_ace_ada from task 3": ("adab2n_er_ace_ada", "strategy.ada_t0=3"),
+    "er_ace_ada task 0 replaying": ("adab2n_er_ace_ada_task0", "strategy.replay_start=buffer"),
     "derpp joint forward": ("adab2n_derpp_bn", "strategy.replay_forward=joint"),
     "derpp masked CE": ("adab2n_derpp_bn", "strategy.unseen_logits=false"),
     "derpp_ada paper variant": ("adab2n_derpp_ada", "strategy.adab2n_variant=paper"),
@@ -229,7 +238,7 @@ DEVIATIONS = {
 def test_other_modes_differ_from_the_released_code(case):
     golden, change = DEVIATIONS[case]
     name, overrides = CASES[golden]
-    g, losses, heads, state = _run(golden, name, *overrides, change)
+    g, losses, heads, state, _ = _run(golden, name, *overrides, change)
     _assert_differs(heads[-1][0], g[f"step{g.extra['steps'] - 1}/head.weight"], 1e-5)
 
 
