@@ -260,6 +260,7 @@ class PromptConfig(StrategyConfig):
     vor_sigma: float = bounded(0.1, ge=0)  # std of the candidates around a boundary sample (code: cov)
     vor_per_class: int = bounded(40, ge=1)  # outliers kept per class of the experience
     vor_outlier_center: str = choice("boundary", "boundary", "origin")  # boundary (paper) | origin (released code: N(0, sigma^2 I), issue ovor#5)
+    vor_ood_batch: str = choice("batch", "batch", "released")  # outliers per VOR step: batch (as many as the batch, random) | released (floor(#outliers / #batches), in order; clbench.vor.outlier_batch)
     feature_batch_size: int = bounded(256, ge=1)  # batch of the VOR feature pass
 
 
@@ -384,8 +385,10 @@ class PromptStrategy(Strategy):
     # ------------------------------------------------------------------ VOR
     def _vor_forward(self, x: torch.Tensor, batch: Batch, ctx: Context) -> PromptOutput:
         """VOR phase (OVOR Sec. 3; ``ovor/learners/default.py``): prompts frozen, the head
-        trains on the batch's prompted features plus as many virtual outliers."""
-        from clbench.vor import synthesize_outliers
+        trains on the batch's prompted features plus virtual outliers: as many as the batch, drawn
+        at random (``vor_ood_batch: batch``), or the released code's ``floor(#outliers / #batches)``
+        in order (``released``; :func:`clbench.vor.outlier_batch`)."""
+        from clbench.vor import outlier_batch, synthesize_outliers
         from clbench.scenarios.base import seeded_generator
 
         start = self._vor_start(ctx)
@@ -397,7 +400,8 @@ class PromptStrategy(Strategy):
         with torch.no_grad():
             feats, _ = self.features(x, batch.task, train=False)
         g = seeded_generator(ctx.seed, 105, ctx.experience, done)
-        pick = torch.randint(0, self.outliers.shape[0], (x.shape[0],), generator=g).to(self.outliers.device)
+        pick = outlier_batch(self.outliers.shape[0], done % per_round, per_round, x.shape[0], self.cfg.vor_ood_batch,
+                             g).to(self.outliers.device)
         return PromptOutput(self.model.head(feats.detach()), None, self.model.head(self.outliers[pick]))
 
     @torch.no_grad()

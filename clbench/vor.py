@@ -35,6 +35,12 @@ Differences from the released code (paper behaviour by default):
   (~3.1x at D = 768), a little more for the kept ones (the farthest from the ID set: ~1.9x at
   D = 192 on clustered features).  With ``origin`` they are used as generated, as in the code.
 
+Outliers per VOR step (``vor_ood_batch``): clbench draws as many as the ID batch at random
+(``batch``, default); the released ``NPOS.generate`` hands them out in order,
+``floor(#outliers / #ID batches)`` per batch (~10 per batch of 128 on ImageNet-R), each once per
+epoch (``released``, :func:`outlier_batch`).  The released code also trains the head on features
+cached at the start of the epoch; clbench recomputes each batch's (a fresh augmentation).
+
 Parity with the released code (``tests/test_reference_ovor.py``, golden from
 ``tools/reference/ovor.py`` running ``ood.py`` with faiss): with ``origin`` and the same seed the
 offsets, the boundary indices and the outliers are bit-identical; ``boundary`` is checked to differ
@@ -87,6 +93,24 @@ def synthesize_outliers(features: torch.Tensor, cfg: "PromptConfig", n_classes: 
     if cfg.vor_outlier_center == "boundary":
         outliers = outliers * feats.norm(dim=1).mean()
     return outliers.to(features.dtype)
+
+
+def outlier_batch(n_outliers: int, step: int, steps_per_epoch: int, batch_size: int, mode: str = "batch",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of the outliers used with the ID batch ``step`` (0-based) of a VOR epoch of
+    ``steps_per_epoch`` ID batches (``vor_ood_batch``).
+
+    * ``batch`` (clbench's default): ``batch_size`` drawn uniformly with replacement.
+    * ``released`` (``ood.py::NPOS.generate``: ``DataLoader(oods, batch_size=floor(#oods / #ID batches))``
+      zipped with the ID loader): the outliers in order, ``floor(n_outliers / steps_per_epoch)`` per
+      step (at least 1, wrapping around), each used once per epoch, the remainder unused.
+    """
+    if mode == "released":
+        size = max(1, n_outliers // max(1, steps_per_epoch))
+        return torch.arange(step * size, (step + 1) * size) % n_outliers
+    if mode != "batch":
+        raise ValueError(f"vor_ood_batch must be 'batch' or 'released', got '{mode}'")
+    return torch.randint(0, n_outliers, (batch_size,), generator=generator)
 
 
 def energy(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from clbench.prompts import PromptOutput
 from clbench.strategies.oneprompt import OnePrompt, OnePromptConfig
 from clbench.strategy import Batch
-from clbench.vor import boundary_indices, synthesize_outliers
+from clbench.vor import boundary_indices, outlier_batch, synthesize_outliers
 from conftest import DATA_ROOT
 from reference_golden import load_golden
 
@@ -99,6 +99,22 @@ def test_vor_boundary_mode_differs_from_the_released_code_as_documented(tag):
     near = torch.cdist(F.normalize(out, dim=1), boundary).min(1).values
     assert near.max() < 2 * sigma * math.sqrt(dim) / math.sqrt(1 + sigma ** 2 * dim)  # around the boundary samples
     assert torch.cdist(out, released).min() > 0.5 * id_norm  # nowhere near the released outliers
+
+
+@pytest.mark.parametrize("tag", ["a", "b"])
+def test_vor_released_outlier_batches_equal_npos_generate(tag):
+    """``vor_ood_batch: released``: the outliers each ID batch of a VOR epoch gets are those of the
+    released ``NPOS.generate`` loaders zipped with the ID loader (floor(#outliers / #ID batches), in order)."""
+    gold = load_golden("ovor_vor_outliers")
+    case = gold.extra["cases"][tag]
+    outliers, sizes = gold[f"{tag}/outliers"], gold[f"{tag}/generate_ood_batch_sizes"].tolist()
+    n_batches = math.ceil(case["n_cls"] * case["per_cls"] / case["id_bsz"])
+    assert len(sizes) == n_batches
+    picked = [outliers[outlier_batch(len(outliers), j, n_batches, case["id_bsz"], "released")] for j in range(n_batches)]
+    assert [len(p) for p in picked] == sizes
+    assert torch.equal(torch.cat(picked), gold[f"{tag}/generate_ood_batches"])
+    drawn = outlier_batch(len(outliers), 0, n_batches, case["id_bsz"], "batch", torch.Generator().manual_seed(0))
+    assert len(drawn) == case["id_bsz"] != sizes[0]  # clbench's default: as many as the ID batch, at random
 
 
 def test_vor_loss_and_head_steps_equal_the_released_vor_epoch():
@@ -220,3 +236,38 @@ def test_ovor_repro_configs_follow_the_released_recipe():
     assert (s.vor_lambda, s.vor_sigma, s.vor_tau_id, s.vor_tau_ood) == (0.1, 0.1, -15.0, -3.0)  # common.yaml ood
     assert (s.vor_k, s.vor_select, s.vor_sample_from, s.vor_per_class) == (50, 50, 600, 40)  # run.py defaults
     assert s.vor_outlier_center == "origin"  # the released synthesis, which produced the published numbers
+    assert s.vor_ood_batch == "released" and one.strategy.vor_ood_batch == "batch"
+
+
+def test_vor_released_outlier_batches_in_the_engine(tmp_path):
+    """``strategy.vor_ood_batch=released`` reaches the VOR phase: each step's outlier logits are the
+    head on the next floor(#outliers / #steps of the VOR epoch) outliers, in order."""
+    from clbench.config import load_config
+    from clbench.engine import Engine
+
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", "name=ovor", "logging.console=false", "logging.tensorboard=false",
+        "train.iterations=4", "train.batch_size=16", "train.optimizer=adam", "train.lr=0.01", "eval.every=0",
+        "eval.baseline=false", "eval.subset_size=50", "eval.batch_size=64", "scenario.n_tasks=2",
+        "checkpoint.enabled=false",
+        "model={name: timm, arch: vit_tiny_patch16_224, pretrained: false, normalize: dataset, "
+        "kwargs: {img_size: 8, patch_size: 4, embed_dim: 32, depth: 5, num_heads: 2, in_chans: 1}}",
+        "strategy=oneprompt", "strategy.vor=true", "strategy.vor_fraction=0.5", "strategy.vor_epochs=1",
+        "strategy.vor_k=5", "strategy.vor_select=10", "strategy.vor_sample_from=20", "strategy.vor_per_class=8",
+        "strategy.vor_outlier_center=origin", "strategy.vor_ood_batch=released"])
+    eng = Engine(cfg)
+    s, seen = eng.strategy, []
+    forward = s.forward
+
+    def recording_forward(x, batch, ctx):
+        out = forward(x, batch, ctx)
+        if out.ood_logits is not None:
+            seen.append((out.ood_logits.detach().clone(), s.model.head(s.outliers).detach().clone()))
+        return out
+
+    s.forward = recording_forward
+    eng.run()
+    assert len(seen) == 4  # 2 VOR steps in each of the 2 experiences, one VOR epoch of 2 steps
+    for i, (ood_logits, all_logits) in enumerate(seen):
+        assert all_logits.shape[0] == 8 * 5 and ood_logits.shape[0] == 20  # 40 outliers / 2 steps
+        torch.testing.assert_close(ood_logits, all_logits[(i % 2) * 20:(i % 2 + 1) * 20], atol=1e-6, rtol=1e-6)

@@ -16,9 +16,11 @@ OnePrompt and VOR).  Official code exercised (imported from the checkout and run
 Cases (all seeded; the golden stores every input so the test needs no RNG agreement):
 
 ``ovor_vor_outliers``: two VOR outlier syntheses on seeded class-clustered "features" (D = 32,
-3 classes x 40 and 2 classes x 30 samples, K = 10, select = 8 / 50 (more than N), sample_from = 30,
-cov = 0.1, num_per_class = 12): the features, the one draw of offsets, the boundary indices
-``_boundary`` returns and the outliers ``_generate`` returns.  The released code draws its offsets
+3 classes x 40 and 2 classes x 30 samples, K = 10, select = 8 / 80 (more than N), sample_from = 30,
+cov = 0.1, num_per_class = 12 / 40): the features, the one draw of offsets, the boundary indices
+``_boundary`` returns and the outliers ``_generate`` returns; and the outlier batches that
+``NPOS.generate``'s loaders give the ID batches of an epoch (id_bsz 16), zipped as in
+``_train_one_epoch_ood``.  The released code draws its offsets
 with ``MultivariateNormal(0, I).rsample((sample_from,))`` from torch's global generator; with an
 identity covariance that is exactly ``torch.randn(sample_from, D)`` (``normal_`` times the identity
 Cholesky factor plus 0), so the test replays it with ``torch.Generator().manual_seed(seed)``.
@@ -72,8 +74,8 @@ SCRIPT = "tools/reference/ovor.py"
 VIT_TINY = Path("/work/shared/data/weights/vit-tiny-tinyimagenet100/vit_tiny_p8_64_tin100.safetensors")
 
 VOR_CASES = [  # name, seed, classes x samples, D, K, select, sample_from, cov, num_per_class
-    dict(tag="a", seed=11, n_cls=3, per_cls=40, dim=32, K=10, select=8, sample_from=30, cov=0.1, per_class=12),
-    dict(tag="b", seed=12, n_cls=2, per_cls=30, dim=32, K=10, select=80, sample_from=30, cov=0.1, per_class=40),
+    dict(tag="a", seed=11, n_cls=3, per_cls=40, dim=32, K=10, select=8, sample_from=30, cov=0.1, per_class=12, id_bsz=16),
+    dict(tag="b", seed=12, n_cls=2, per_cls=30, dim=32, K=10, select=80, sample_from=30, cov=0.1, per_class=40, id_bsz=16),
 ]
 
 
@@ -120,12 +122,21 @@ def vor_outliers(src: Path) -> None:
             outliers = gen._generate(feats, case["n_cls"])
             tensors.update({f"{t}/features": feats, f"{t}/offsets": seen["offsets"], f"{t}/boundary_ids": seen["ids"],
                             f"{t}/outliers": outliers})
+            # NPOS.generate (per-class feature list -> ID loader + outlier loader), zipped as _train_one_epoch_ood does
+            gen = npos(ood, faiss, case["dim"], K=case["K"], sample_from=case["sample_from"], select=case["select"],
+                       cov=case["cov"], num_per_class=case["per_class"], id_bsz=case["id_bsz"])
+            seed_everything(case["seed"])
+            id_loader, ood_loader = gen.generate(list(feats.split(case["per_cls"])), subset_start=0)
+            used = [oods[0] for (_, _), oods in zip(id_loader, ood_loader)]
+            assert torch.equal(ood_loader.dataset.tensors[0], outliers)  # the same synthesis as above
+            tensors[f"{t}/generate_ood_batches"] = torch.cat(used)
+            tensors[f"{t}/generate_ood_batch_sizes"] = torch.tensor([len(u) for u in used])
             extra[t] = case
             distinct = len(torch.unique(outliers, dim=0))
             print(f"case {t}: {outliers.shape[0]} outliers, {distinct} distinct, norms "
                   f"{outliers.norm(dim=1).mean():.3f} (ID {feats.norm(dim=1).mean():.3f}), boundary {seen['ids'].tolist()}")
     write_golden("ovor_vor_outliers", tensors, repository=REPOSITORY, commit=COMMIT, script=SCRIPT,
-                 files=["learners/ood.py"], extra={"cases": extra},
+                 files=["learners/ood.py", "learners/default.py"], extra={"cases": extra},
                  notes="NPOS._generate on seeded features; offsets = torch.randn(sample_from, D) after torch.manual_seed(seed)")
 
 
