@@ -174,3 +174,42 @@ def test_the_two_modes_differ_where_they_must():
     assert not torch.equal(G["paper_pred_s0"], G["parity_pred_s0"])
     paper = run_clbench("paper")
     assert (paper[0]["scores"] + G["parity_scores_s0"]).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------- the released initial model's architecture
+def _lucir_fill(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """The golden's weight rule (``tools/reference/fetril.py::lucir_fill``), applied in the official state-dict order."""
+    t = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(shape) > 1:
+        return t / float(torch.tensor(shape[1:]).prod()) ** 0.5
+    if name.endswith(("weight", "running_var", "sigma")):
+        return 1.0 + 0.1 * t.abs()
+    return 0.1 * t
+
+
+def test_lucir_resnet18_options_are_the_official_modified_resnet():
+    """``model: {name: resnet18, nf: 64, stem: imagenet, last_relu: false, classifier: lucir, input_size: 224}``
+    is FeTrIL's ``lucir_models/modified_resnet.py`` (+ utilsCIL's CosineLinear head): same parameters, and with
+    the same weights the same features and logits in eval and train mode, to 1e-5 (float32 convolutions)."""
+    from clbench.models.resnet import ResNet18Config, resnet18
+
+    golden = load_golden("fetril_lucir_resnet18")
+    case = golden.extra
+    model = resnet18(ResNet18Config(nf=64, stem="imagenet", classifier="lucir", last_relu=False, input_size=case["size"]),
+                     (3, 64, 64), case["num_classes"])
+    assert model.input_size == (case["size"], case["size"])  # the engine resizes the 64 px images to it
+    state = model.state_dict()
+    assert {clb for _, clb in case["keys"]} == {k for k, v in state.items() if v.is_floating_point()}
+    g = torch.Generator().manual_seed(case["seed"])
+    with torch.no_grad():
+        for official, clb in case["keys"]:
+            state[clb].copy_(_lucir_fill(official, tuple(state[clb].shape), g))
+    x = torch.randn(case["batch"], 3, case["size"], case["size"], generator=torch.Generator().manual_seed(case["seed"] + 1))
+    torch.testing.assert_close(x.double().sum().reshape(1), golden["input_sum"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model.features(x), golden["features"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), golden["eval_logits"], rtol=1e-5, atol=1e-5)
+        assert bool((golden["features"] < 0).any())  # no ReLU after the last block
+        model.train()
+        torch.testing.assert_close(model(x), golden["train_logits"], rtol=1e-5, atol=1e-5)

@@ -57,17 +57,36 @@ class CosineLinear(nn.Linear):
         return f"{super().extra_repr()}, scale={self.scale}"
 
 
-CLASSIFIERS = ("linear", "cosine")
+class LucirCosineLinear(nn.Linear):
+    """LUCIR's cosine classifier (Hou et al. 2019): ``sigma * <x/|x|, w_c/|w_c|>`` with a learnable
+    scale ``sigma`` initialised to 1, weight ~ U(-1/sqrt(D), 1/sqrt(D)), no bias.  As
+    ``utilsCIL/modified_linear.py::CosineLinear`` (GregoirePetit/utilsCIL), the head of the LUCIR
+    ResNet-18 FeTrIL's released ``scratch.py`` trains its initial model with."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        bound = 1.0 / in_features ** 0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.sigma = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sigma * nn.functional.linear(nn.functional.normalize(x, p=2, dim=1),
+                                                 nn.functional.normalize(self.weight, p=2, dim=1))
+
+
+CLASSIFIERS = ("linear", "cosine", "lucir")
 
 
 def set_classifier(model: Classifier, kind: str, scale: float = 10.0) -> Classifier:
     """Replace ``model.head`` by a fresh head of ``kind`` (``linear``: keep the ``nn.Linear``;
-    ``cosine``: :class:`CosineLinear` with ``scale``)."""
+    ``cosine``: :class:`CosineLinear` with ``scale``; ``lucir``: :class:`LucirCosineLinear`)."""
     if kind not in CLASSIFIERS:
         raise ValueError(f"unknown classifier '{kind}'; valid: {', '.join(CLASSIFIERS)}")
+    w = model.head.weight
     if kind == "cosine":
-        w = model.head.weight
         model.head = CosineLinear(model.head.in_features, model.head.out_features, scale, device=w.device, dtype=w.dtype)
+    elif kind == "lucir":
+        model.head = LucirCosineLinear(model.head.in_features, model.head.out_features, device=w.device, dtype=w.dtype)
     return model
 
 

@@ -245,6 +245,7 @@ def main() -> None:
     extra = dict(case, states=t + 1, increment=inc,
                  paper_mode="train_classifiers.py with an empty first DataLoader batch (every SVM row L2-normalised)",
                  parity_mode="train_classifiers.py as released (the first 512-row batch unnormalised)")
+    lucir_golden(src, utils_src)
     write_golden("fetril", out, repository=REPOSITORY, commit=COMMIT, files=FILES, script="tools/reference/fetril.py",
                  notes="official FeTrIL scripts run unmodified (serial Pool, DataLoader without workers); paper mode "
                        "neutralises the first-512-rows bug with an empty first loader batch", extra=extra)
@@ -252,6 +253,68 @@ def main() -> None:
 
 def top1_of(out: dict, mode: str, s: int) -> float:
     return float(out[f"{mode}_top1"][s])
+
+
+LUCIR_CASE = {"seed": 0, "num_classes": 10, "batch": 2, "size": 224}
+
+
+def lucir_key(name: str) -> str:
+    """The clbench ``resnet18`` (``stem=imagenet, last_relu=false, classifier=lucir``) name of an official
+    ``lucir_models/modified_resnet.py`` state-dict entry."""
+    parts = name.split(".")
+    if parts[0] in ("conv1", "bn1"):
+        return f"backbone.stem.{0 if parts[0] == 'conv1' else 1}." + ".".join(parts[1:])
+    if parts[0] == "fc":
+        return "head." + ".".join(parts[1:])
+    layer, block, rest = int(parts[0][len("layer"):]), int(parts[1]), parts[2:]
+    if rest[0] == "downsample":
+        rest = ["shortcut"] + rest[1:]
+    return f"backbone.layers.{2 * (layer - 1) + block}." + ".".join(rest)
+
+
+def lucir_fill(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """The deterministic weights of the architecture check (the test applies the same rule, in the same order)."""
+    t = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(shape) > 1:
+        return t / float(np.prod(shape[1:])) ** 0.5
+    if name.endswith(("weight", "running_var", "sigma")):
+        return 1.0 + 0.1 * t.abs()
+    return 0.1 * t
+
+
+def lucir_golden(src: Path, utils_src: Path) -> None:
+    """Golden ``fetril_lucir_resnet18``: the official LUCIR ResNet-18 (``lucir_models/modified_resnet.py`` with
+    utilsCIL's ``modified_linear.CosineLinear`` head), weights set by :func:`lucir_fill` in state-dict order,
+    on seeded 224 px inputs: features (the head's input), logits in eval mode and in train mode (batch BN)."""
+    case = LUCIR_CASE
+    with imported_from(utils_src, "modified_linear"), imported_from(src, "lucir_models"):
+        from lucir_models import modified_resnet
+
+        model = modified_resnet.resnet18(num_classes=case["num_classes"])
+    g = torch.Generator().manual_seed(case["seed"])
+    state, keys = model.state_dict(), []
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.is_floating_point():
+                value.copy_(lucir_fill(name, tuple(value.shape), g))
+                keys.append([name, lucir_key(name)])
+    x = torch.randn(case["batch"], 3, case["size"], case["size"], generator=torch.Generator().manual_seed(case["seed"] + 1))
+    feats = {}
+    model.fc.register_forward_hook(lambda mod, inp, out: feats.__setitem__("x", inp[0].detach().clone()))
+    out = {}
+    with torch.no_grad():
+        model.eval()
+        out["eval_logits"] = model(x)
+        out["features"] = feats["x"]
+        model.train()
+        out["train_logits"] = model(x)
+    out["input_sum"] = x.double().sum().reshape(1)
+    write_golden("fetril_lucir_resnet18", out, repository=REPOSITORY, commit=COMMIT,
+                 files=["lucir_models/modified_resnet.py", f"{UTILS_REPOSITORY}@{UTILS_COMMIT}:modified_linear.py"],
+                 script="tools/reference/fetril.py",
+                 notes="official LUCIR ResNet-18 with deterministic weights (lucir_fill, state-dict order), seeded 224 px inputs",
+                 extra=dict(case, keys=keys, fill="lucir_fill in tools/reference/fetril.py: randn/sqrt(fan_in) for "
+                            "conv/linear weights; 1+0.1|randn| for BN weight, running_var, sigma; 0.1 randn otherwise"))
 
 
 if __name__ == "__main__":
