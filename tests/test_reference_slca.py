@@ -28,6 +28,9 @@ softmax attention, and float32 summation orders, are the only sources):
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -238,3 +241,52 @@ def test_classifier_alignment_matches_the_official_stage2(run):
         close(w, G[f"recalled_h{k}_w"], atol=1e-6)
         close(b, G[f"recalled_h{k}_b"], atol=1e-6)
         assert not torch.allclose(G[f"recalled_h{k}_w"], G[f"aligned_h{k}_w"])
+
+
+# ------------------------------------------------------------------ repro configs vs exps/slca/*.json
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {"slca_imagenet_r": "slca_imgnetr", "slca_cifar100": "slca_cifar"}
+
+
+@pytest.mark.parametrize("config, recipe", sorted(RECIPES.items()))
+def test_repro_configs_follow_the_released_recipe(config, recipe):
+    """configs/repro/slca_*.yaml against the official json (recorded in the golden by the script) and the
+    module globals of models/slca.py; the engine's multistep schedule against torch's MultiStepLR stepped
+    once per epoch, as ``SLCA._run`` steps it, for both the backbone (slow) and the head group."""
+    cfg = load_config(REPO / "configs" / "repro" / f"{config}.yaml", [])
+    r, g = X["recipes"][recipe], X["recipes"]["_module_globals"]
+    assert r["convnet_type"] == "vit-b-p16"  # vit_base_patch16_224_in21k: the final LayerNorm is re-created
+    assert cfg.strategy.name == "slca" and cfg.strategy.reset_final_norm
+    assert cfg.model.arch == "vit_base_patch16_224.augreg_in21k"
+    assert (cfg.train.optimizer, cfg.train.scheduler, cfg.train.momentum) == ("sgd", "multistep", 0.9)
+    assert cfg.train.epochs == r["epochs"] and cfg.train.milestones == r["milestones"]
+    assert cfg.train.gamma == g["lrate_decay"] and cfg.train.lr == g["lrate"]
+    assert cfg.train.weight_decay == g["weight_decay"] and cfg.train.batch_size == g["batch_size"]
+    assert cfg.strategy.backbone_lr_scale == pytest.approx(X["bcb_lrscale"])  # the default 1/100
+    assert cfg.strategy.ca_epochs == r["ca_epochs"] and cfg.strategy.logit_norm == r["ca_with_logit_norm"]
+    assert cfg.strategy.ca_samples_per_class == 256  # num_sampled_pcls in _stage2_compact_classifier
+    n = len(cfg.scenario.class_order)
+    assert r["init_cls"] == r["increment"] and n // r["increment"] == cfg.scenario.n_tasks
+    assert cfg.seed in r["seed"] and r["shuffle"]  # PyCIL DataManager: np.random.seed(seed); permutation(n)
+    assert list(cfg.scenario.class_order) == np.random.RandomState(cfg.seed).permutation(n).tolist()
+
+    per_epoch = 3
+    mine = [nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = make_optimizer([{"params": [mine[0]], "lr_scale": cfg.strategy.backbone_lr_scale, "name": "backbone"},
+                          {"params": [mine[1]], "name": "heads"}], cfg.train)
+    sched = make_scheduler(opt, cfg.train, per_epoch * cfg.train.epochs, per_epoch)
+    theirs = [nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    ref_opt = torch.optim.SGD([{"params": [theirs[0]], "lr": g["lrate"] * X["bcb_lrscale"]},
+                               {"params": [theirs[1]], "lr": g["lrate"]}], lr=g["lrate"], momentum=0.9)
+    ref = torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=r["milestones"], gamma=g["lrate_decay"])
+    got, want = [], []
+    for _ in range(cfg.train.epochs):
+        for _ in range(per_epoch):
+            got += [group["lr"] for group in opt.param_groups]
+            want += [group["lr"] for group in ref_opt.param_groups]
+            opt.step()
+            sched.step()
+            ref_opt.step()
+        ref.step()
+    assert got == pytest.approx(want, rel=1e-12)
+    assert want[-2:] == pytest.approx([g["lrate"] * X["bcb_lrscale"] * 0.1, g["lrate"] * 0.1])
