@@ -48,7 +48,7 @@ class TrainConfig:
     momentum: float = bounded(0.0, ge=0, le=1)
     weight_decay: float = bounded(0.0, ge=0)
     # per experience: none | cosine (per iteration) | coda_cosine (CODA-Prompt code's epoch-wise
-    # cos(99*pi*e / (200*(K-1))), K epochs) | multistep (x gamma at each of `milestones`, in epochs)
+    # cos(99*pi*max(e-1,0) / (200*(K-1))), K epochs, as the released class runs) | multistep (x gamma at each of `milestones`, in epochs)
     scheduler: str = choice("none", *SCHEDULERS)
     milestones: List[int] = bounded(default_factory=list, ge=1)  # multistep: epochs at which the lr is multiplied by gamma
     gamma: float = bounded(0.1, gt=0, le=1)  # multistep: the factor

@@ -785,7 +785,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int, per_epoch
     * ``cosine``: per-iteration half cosine to 0 over the experience (after ``warmup_iters``).
     * ``coda_cosine``: the CODA-Prompt code's epoch-wise schedule (``utils/schedulers.py::CosineSchedule``,
       stepped at the start of each epoch after the first; GT-RIPL/CODA-Prompt, also L2P++/DualPrompt/OnePrompt
-      there): lr x cos(99 pi e / (200 (K - 1))) in epoch e of K (x1 when K = 1), i.e. it ends near, not at, 0.
+      there): lr x cos(99 pi max(e - 1, 0) / (200 (K - 1))) in epoch e of K (x1 when K = 1).  One epoch
+      behind the formula: the official ``_LRScheduler.__init__`` sets epoch 0's lr and then resets
+      ``last_epoch`` to -1, so the first ``step()`` (epoch 1) computes e = 0 again (golden from the official
+      class: ``tests/test_reference_prompts.py``); the last epoch runs at cos(99 pi (K - 2) / (200 (K - 1))).
     * ``multistep``: torch's ``MultiStepLR`` stepped per epoch (SLCA, FeTrIL's initial model):
       lr x gamma^(number of milestones <= e) in epoch e.
     A linear warm-up over the first ``warmup_iters`` iterations multiplies any of them."""
@@ -806,7 +809,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int, per_epoch
 
     def epoch_factor(epoch: int) -> float:
         if kind == "coda_cosine":
-            return 1.0 if n_epochs == 1 else math.cos(99 * math.pi * epoch / (200 * (n_epochs - 1)))
+            return 1.0 if n_epochs == 1 else math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (n_epochs - 1)))
         return gamma ** sum(m <= epoch for m in milestones)
 
     def factor(step: int) -> float:
