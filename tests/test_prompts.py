@@ -405,7 +405,7 @@ def test_pretraining_classes_are_the_first_100_sorted_wnids(data_root):
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "repro").glob("*.yaml")), ids=lambda p: p.name)
 def test_repro_configs_load(path):
     cfg = load_config(path, [])
-    assert cfg.strategy.name in ("l2p", "dualprompt", "coda_prompt", "oneprompt") and cfg.model.name == "timm"
+    assert cfg.strategy.name and cfg.model.name  # every repro config (any method) loads and validates
 
 
 # ------------------------------------------------------------------------------- JAX-code parity options

@@ -157,3 +157,37 @@ def test_masking_unseen_classes_is_not_the_code():
     strategy, model, ctx, optimizer = _strategy(g, mask_unseen=True)
     _train(g, strategy, model, ctx, optimizer, check=False)
     assert not torch.allclose(model.kv.values.detach(), g[f"values.{g.extra['train_steps'] - 1}"], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_repro_configs_follow_the_released_sweeps(name):
+    """configs/repro/kv_bottleneck_<name>.yaml against the arguments scripts/train.py gets from the sweep
+    (recorded in the golden by the script, parsed by the official ArgumentParserWrapper): cl_epochs -> train.epochs
+    (full shuffled passes over each task's data, batch 256), and the rest of the recipe."""
+    from pathlib import Path
+
+    from clbench.config import load_config
+
+    recipe = load_golden("kv_bottleneck").extra["recipes"][name]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "repro" / f"kv_bottleneck_{name}.yaml", [])
+    t, s = cfg.train, cfg.strategy
+    assert t.epochs == recipe["cl_epochs"] == {"cifar10": 2000, "cifar100": 500}[name] and t.iterations is None
+    assert (t.batch_size, t.optimizer, t.lr, t.momentum, t.weight_decay, t.grad_clip, t.scheduler) == (
+        recipe["batch_size"], recipe["optimizer"].lower(), recipe["learning_rate"], 0.0, recipe["weight_decay"],
+        recipe["gradient_clip"], "none")
+    assert t.augment == "none" and not t.online
+    assert (s.codebooks, s.keys_per_codebook, s.key_dim, s.ema_decay, s.init_epochs, s.init_batch_size) == (
+        recipe["num_books"], recipe["num_pairs"], recipe["dim_key"], recipe["decay"], recipe["init_epochs"],
+        recipe["batch_size"])
+    assert s.dead_key_fraction * s.init_batch_size / s.keys_per_codebook == pytest.approx(recipe["threshold_ema_dead_code"])
+    assert s.dead_key_reset == "released" and s.label_smoothing == recipe["label_smoothing"]
+    assert not s.mask_unseen and s.mask_unused  # CE over all logits; deactivate_counts at evaluation
+    assert recipe["values_init"] == "zeros" and recipe["init_mode"] == "random" and recipe["topk"] == 1
+    assert recipe["splitting_mode"] == "random_projection" and recipe["decoder_model"] == "codebook-voting-logits"
+    n_classes = {"cifar10": 10, "cifar100": 100}[name]
+    assert recipe["dim_value"] == n_classes and cfg.scenario.n_tasks == n_classes // recipe["split_size"]
+    pretrain = {"CIFAR100": "image_folder", "CIFAR10": "cifar10"}[recipe["pretrain_data"]]
+    assert s.pretrain_dataset == pretrain  # key-init data: the other CIFAR
+    assert ("cifar100" if pretrain == "image_folder" else "cifar10-jpeg") in s.pretrain_data_root
+    assert cfg.model.arch == "resnet50.tv2_in1k" and recipe["backbone"] == "resnet50_imagenet_v2"
+    assert list(cfg.model.input_size) == [224, 224] and cfg.model.normalize == "imagenet"

@@ -30,7 +30,7 @@ from torch import nn
 from clbench.models import Classifier
 from clbench.registry import ClbenchError, register_model
 from clbench.safe_load import load_problem, load_safetensors, tensor_state_dict, torch_load, weights_only_loads
-from clbench.validation import choice, path
+from clbench.validation import bounded, choice, path
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "dataset": None,  # the stream's own per-channel statistics
@@ -54,6 +54,9 @@ class TimmConfig:
     normalize: str = choice("imagenet", "dataset", "imagenet", "inception", "none")  # input normalisation the weights expect: dataset | imagenet | inception | none
     head_prefixes: List[str] = field(default_factory=lambda: ["head.", "fc.", "classifier."])  # dropped from checkpoints
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (drop_path_rate, ...)
+    # resize the inputs to [H, W] before the model (bilinear), e.g. [224, 224] for an ImageNet CNN on 32-px CIFAR as
+    # torchvision's weights.transforms() do; null: only where a ViT's position embeddings fix the size
+    input_size: Optional[List[int]] = bounded(None, ge=1)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -143,7 +146,9 @@ def timm_model(cfg: TimmConfig, input_shape: tuple[int, int, int], num_classes: 
             raise ClbenchError(f"model.normalize={cfg.normalize} has {len(stats[0])} channels, the data {input_shape[0]}")
         stats = ((sum(stats[0]) / len(stats[0]),), (sum(stats[1]) / len(stats[1]),))  # grayscale: channel mean
     model.input_stats = stats
-    model.input_size = fixed_input_size(backbone.model, input_shape)
+    if cfg.input_size is not None and len(cfg.input_size) != 2:
+        raise ClbenchError(f"model.input_size needs [H, W], got {cfg.input_size}")
+    model.input_size = tuple(cfg.input_size) if cfg.input_size else fixed_input_size(backbone.model, input_shape)
     return model
 
 

@@ -27,6 +27,10 @@ Case (tiny dimensions, features instead of an encoder: ``encoder=nn.Identity()``
    (``cl_epochs``=2), batches of 8 in a global-RNG permutation per epoch.  Stored per step: the batch
    indices, selected keys, logits (``train_logits.s``), loss, gradient norm before clipping and values after
    the step; after the stream the selection counters (``cluster_size_counter``).
+4. The released recipes (``extra["recipes"]``): the arguments ``scripts/train.py`` receives from
+   ``sweeps/icml2023/cifar10_clip_resnet50_ours_base.yaml`` and ``cifar100_split2_clip_resnet50_ours_base.yaml``
+   (parsed by the official ``ArgumentParserWrapper``: ``cl_epochs`` is 2000 for CIFAR-10 by default, 500 in the
+   CIFAR-100 sweep), checked against ``configs/repro/kv_bottleneck_*.yaml`` by the test.
 3. Evaluation on 20 test features with ``deactivate_counts`` (never-selected keys masked): selected keys and
    logits.
 
@@ -75,6 +79,42 @@ def features(seed: int = 7) -> dict[str, torch.Tensor]:
     return {"pre_x": pre, "cl_x": cl, "cl_y": cl_y, "test_x": test, "test_y": test_y}
 
 
+SWEEPS = {"cifar10": "sweeps/icml2023/cifar10_clip_resnet50_ours_base.yaml",
+          "cifar100": "sweeps/icml2023/cifar100_split2_clip_resnet50_ours_base.yaml"}
+
+
+def sweep_recipes(exp_dir: Path, argparse_utils, model_utils) -> dict[str, dict]:
+    """The run arguments ``scripts/train.py`` gets from each sweep (constants; categorical: the
+    ``resnet50_imagenet_v2`` backbone, ``training_mode: ood``, the first seed), parsed by the official
+    ``ArgumentParserWrapper`` so that unset options (``cl_epochs`` for CIFAR-10) take its defaults."""
+    import yaml
+
+    recipes = {}
+    for name, rel in SWEEPS.items():
+        params = yaml.safe_load((exp_dir / rel).read_text())["parameters"]
+        argv = []
+        for key, spec in params.items():
+            if "value" in spec:
+                value = spec["value"]
+            else:
+                values = spec["values"]
+                value = next((v for v in values if v in ("resnet50_imagenet_v2", "ood")), values[0])
+            argv += [f"--{key}", str(value)]
+        run = argparse_utils.ArgumentParserWrapper().parse_args(argv)
+        recipes[name] = {
+            "dataset_name": run.dataset_name, "pretrain_data": run.pretrain_data, "backbone": run.backbone,
+            "cl_epochs": run.cl_epochs, "split_size": run.split_size, "batch_size": run.batch_size,
+            "optimizer": run.optimizer, "learning_rate": run.learning_rate, "weight_decay": run.weight_decay,
+            "gradient_clip": run.gradient_clip, "label_smoothing": run.label_smoothing, "values_init": run.values_init,
+            "num_books": run.num_books, "num_pairs": model_utils.get_key_value_pairs_per_codebook(run),
+            "dim_key": run.dim_key, "dim_value": run.dim_value, "decay": run.decay, "init_epochs": run.init_epochs,
+            "init_mode": run.init_mode, "splitting_mode": run.splitting_mode, "threshold_factor": run.threshold_factor,
+            "threshold_ema_dead_code": model_utils.get_threshold_ema_dead_code(run), "topk": run.topk,
+            "sample_codebook_temperature": run.sample_codebook_temperature, "decoder_model": run.decoder_model,
+            "training_mode": run.training_mode, "seeds": params["seed"]["values"]}
+    return recipes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", help=f"a checkout of {CORE} at {CORE_COMMIT}")
@@ -87,7 +127,10 @@ def main() -> None:
     out: dict[str, torch.Tensor] = dict(data)
     with imported_from(core_dir, "key_value_bottleneck"), imported_from(exp_dir, "kv_bottleneck_experiments"):
         import key_value_bottleneck.core as core
+        import kv_bottleneck_experiments.utils.argparse as argparse_utils
         import kv_bottleneck_experiments.utils.model as model_utils
+
+        recipes = sweep_recipes(exp_dir, argparse_utils, model_utils)
 
         run_args = types.SimpleNamespace(
             backbone="clip_vit_b32", accept_image_fmap=False, t_mode="uniform_importance", scaling_mode="free_num_keys",
@@ -179,7 +222,7 @@ def main() -> None:
     extra = {"D": D, "C": C, "J": J, "dk": DK, "dv": V, "decay": 0.95, "eps": 1e-5, "threshold": threshold,
              "threshold_factor": 0.1, "init_batch_size": B_PRE, "init_epochs": INIT_EPOCHS, "fit_steps": n_fit,
              "lr": LR, "grad_clip": CLIP, "label_smoothing": SMOOTH, "cl_epochs": CL_EPOCHS, "tasks": TASKS,
-             "train_steps": step, "cl_batch_size": B_CL}
+             "train_steps": step, "cl_batch_size": B_CL, "recipes": recipes}
     write_golden("kv_bottleneck", out, repository=CORE, commit=CORE_COMMIT,
                  files=["key_value_bottleneck/core.py", "key_value_bottleneck/splitters.py", "key_value_bottleneck/utils.py",
                         f"{EXP}@{EXP_COMMIT}:kv_bottleneck_experiments/utils/model.py",
