@@ -27,8 +27,10 @@ Per method:
   ``strategy.mask_past_logits=false``: in the online protocol only the not-yet-exposed classes are
   masked (the code's ``self.mask`` of exposed classes, as MVP here), not the task's class set,
   which the learner could not know in advance.  Their other sizes are clbench's defaults
-  (L2P++: pool 30, length 20, top-5, prefix in block 0; DualPrompt: G 6 / E 20 prefix, one
-  E-prompt per task, training picks the task's E-prompt).
+  (L2P++: pool 30, length 20, top-5, prefix in block 0; DualPrompt: G 6 / E 20 prefix), except
+  that DualPrompt picks its E-prompt by key match in training too, from a pool of 10
+  (``strategy.train_task_id=false``, ``e_pool_size=10``: the Si-Blurry code's DualPrompt,
+  ``models/dualprompt.py`` @61bd5eb, never uses the task id).
 * finetune, replay, ewc: the whole ViT + head fine-tuned at **Adam lr 1e-4** (our choice: 5e-3 is
   a prompt-tuning rate and wrecks a pretrained ViT under full fine-tuning; 1e-4 is the usual
   full-fine-tuning rate for Adam on ViTs, e.g. SLCA's slow learner).  replay: reservoir memory of
@@ -80,7 +82,8 @@ METHODS: list[tuple[str, str, list[str]]] = [
     ("replay", "replay", [f"train.lr={FULL_FT_LR}", "strategy.buffer_size={buffer}", "strategy.replay_batch_size=32"]),
     ("ewc", "ewc", [f"train.lr={FULL_FT_LR}"]),
     ("l2p", "l2p", ["train.lr=0.005", "strategy.mask_past_logits=false"]),
-    ("dualprompt", "dualprompt", ["train.lr=0.005", "strategy.mask_past_logits=false"]),
+    ("dualprompt", "dualprompt", ["train.lr=0.005", "strategy.mask_past_logits=false",
+                                  "strategy.train_task_id=false", "strategy.e_pool_size=10"]),  # Si-Blurry code
     ("mvp", "mvp", ["train.lr=0.005"]),
 ]
 QUICK_SIZES = {"replay": ["strategy.replay_batch_size=8"], "l2p": ["strategy.pool_size=10"]}

@@ -338,3 +338,51 @@ def test_online_resume_matches_uninterrupted_run(tmp_path):
 def test_online_config_errors(tmp_path):
     with pytest.raises(ClbenchError, match="online_iter"):
         run(online_cfg(tmp_path, "train.online_iter=0"))
+
+
+# ------------------------------------------------------------------ Si-Blurry DualPrompt baseline
+TINY_VIT = ("model={name: timm, arch: vit_tiny_patch16_224, pretrained: false, normalize: dataset, "
+            "kwargs: {img_size: 8, patch_size: 4, embed_dim: 32, depth: 5, num_heads: 2, in_chans: 1}}")
+
+
+def test_si_blurry_dualprompt_picks_e_prompts_by_key_in_training(tmp_path):
+    """The Si-Blurry code's DualPrompt (KHU-AGI/Si-Blurry @61bd5eb, models/dualprompt.py) selects
+    the E-prompt by the top-1 key match in training too (no task id), pool 10, key loss
+    mean(1 - cos(q, k_selected)): train_task_id=false, on in its repro config and the benchmark."""
+    from clbench.engine import Engine
+    from torch.nn import functional as F
+
+    over = ["strategy=dualprompt", "strategy.mask_past_logits=false", "strategy.e_pool_size=10", "train.lr=0.005",
+            TINY_VIT, "train.online_iter=1", "eval.every_samples=400"]
+    def cfg(*extra, name):
+        return load_config(ROOT / "configs" / "si_blurry_digits.yaml",
+                           [f"output_dir={tmp_path}", f"name={name}", *(o for o in FAST if not o.startswith("model.")),
+                            *over, *extra])
+
+    for by_key in (True, False):
+        eng = Engine(cfg(f"strategy.train_task_id={str(not by_key).lower()}", name=f"unit{by_key}"))
+        s = eng.strategy
+        with torch.no_grad():
+            s.prompt.e.keys[0][0] = torch.eye(32)[:10]  # key m = basis vector m
+        q = torch.eye(32)[[7, 3, 3]] * 2 + 0.1  # best keys 7, 3, 3; the task is 0
+        s.task = 0
+        prompts, aux = s.prompts_for(q, 3, None, train=True)
+        idx = torch.tensor([7, 3, 3]) if by_key else torch.zeros(3, dtype=torch.long)
+        for layer, p in s.prompt.e.select(idx[:, None]).items():
+            torch.testing.assert_close(prompts[layer], p)
+        cos = F.cosine_similarity(q, s.prompt.e.keys[0][0][idx], dim=-1)
+        assert aux.item() == pytest.approx(float((1 - cos.detach()).mean()), rel=1e-5)  # the code's lambd * e_s.mean()
+    summary = run(cfg("strategy.train_task_id=false", name="online"))
+    assert summary["status"] == "finished" and summary["a_auc"] is not None
+    repro = load_config(ROOT / "configs" / "repro" / "si_blurry_dualprompt_tiny_imagenet100.yaml")
+    assert not repro.strategy.train_task_id and repro.strategy.e_pool_size == 10
+    assert repro.scenario.sampler == "official" and repro.eval.online_points == "official"
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import si_blurry_mvp
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    overrides = dict((label, o) for label, _, o in si_blurry_mvp.METHODS)["dualprompt"]
+    assert "strategy.train_task_id=false" in overrides and "strategy.e_pool_size=10" in overrides
