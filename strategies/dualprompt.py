@@ -7,7 +7,13 @@ prompt and one key per task in the next blocks, given to a frozen ViT by prefix-
 
 * Training (DualPrompt Sec. 4.3 and Eq. 4): the **task id** picks E-prompt e_t, and its key is
   pulled towards the (detached) query, loss CE + lambda * mean(1 - cos(q(x), k_t)).
-  ``train_task_id: false`` selects by the key at training time too (a protocol switch).
+  ``train_task_id: false`` selects by the key at training time too (a protocol switch): what
+  the Si-Blurry code's DualPrompt baseline does (``KHU-AGI/Si-Blurry`` @61bd5eb,
+  ``models/dualprompt.py``: ``forward`` always takes ``self.e_prompt(query)``, the top-1 key match,
+  and ``convert_train_task`` is never called by its trainers; key loss ``lambd * mean(1 - cos)``
+  of the selected key, ``lambd = 1``; pool ``task_num = 10``), on in
+  ``configs/repro/si_blurry_dualprompt_tiny_imagenet100.yaml`` and ``benchmarks/si_blurry_mvp.py``
+  (a Si-Blurry task id is not a class split; task sizes and classes are random).
 * Inference: the E-prompt of the key most similar to the query (top-1 cosine).
 
 Defaults as in the CODA-Prompt code (``models/zoo.py`` ``DualPrompt``, ``prompt_param 10 20 6``):
@@ -51,7 +57,7 @@ class DualPromptConfig(PromptConfig):
     e_length: int = bounded(20, ge=1)
     e_layers: List[int] = bounded(default_factory=lambda: [2, 3, 4], ge=0)
     e_pool_size: int = bounded(0, ge=0)  # 0: one E-prompt per task (the stream's number of experiences)
-    train_task_id: bool = True  # training picks the task's E-prompt (paper and code); false: by key
+    train_task_id: bool = True  # training picks the task's E-prompt (paper and code); false: by key (Si-Blurry code)
     key_loss_weight: float = bounded(1.0, ge=0)
     shared_prompt_pool: bool = False  # parity (JAX code): E-prompt t-1 copied into E-prompt t when task t starts
     prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
