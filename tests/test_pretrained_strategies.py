@@ -121,6 +121,28 @@ def test_slca_alignment_changes_only_the_heads_and_is_not_carried_over(tmp_path)
     assert bool(s.has_stats.all())
 
 
+def test_slca_reset_final_norm_is_fresh_and_trained_with_the_backbone(tmp_path):
+    """strategy.reset_final_norm (SLCA's released convs/vits.py): the timm ViT's final LayerNorm is a new
+    nn.LayerNorm (weight 1, bias 0, eps 1e-5) before the optimiser exists, so the run trains it at the slow lr."""
+    eng = engine(tmp_path, "strategy=slca", "strategy.reset_final_norm=true", "strategy.ca_samples_per_class=16",
+                 "strategy.ca_epochs=1")
+    ref = engine(tmp_path / "ref", "strategy=slca")
+    norm, kept = eng.model.backbone.model.norm, ref.model.backbone.model.norm
+    assert type(norm) is torch.nn.LayerNorm and norm.eps == 1e-5 and kept.eps == 1e-6
+    assert torch.equal(norm.weight, torch.ones(32)) and torch.equal(norm.bias, torch.zeros(32))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        kept.weight.mul_(2)  # a non-trivial "pretrained" norm in the reference model
+        eng.model.backbone.model.load_state_dict({k: v for k, v in ref.model.backbone.model.state_dict().items()
+                                                  if not k.startswith("norm.")}, strict=False)
+        assert not torch.allclose(eng.model.features(x), ref.model.features(x))  # the forward uses the fresh norm
+    eng.run()
+    assert eng.model.backbone.model.norm is norm and not torch.equal(norm.weight, torch.ones(32))  # trained
+    groups = {g["name"]: g for g in eng.optimizer.param_groups}
+    assert any(p is norm.weight for p in groups["backbone"]["params"])
+    assert groups["backbone"]["lr"] == pytest.approx(eng.cfg.train.lr / 100)
+
+
 # ------------------------------------------------------------------------ key-value bottleneck
 KV = ["strategy=kv_bottleneck", "strategy.codebooks=6", "strategy.keys_per_codebook=16", "strategy.key_dim=3",
       "strategy.init_epochs=3", "strategy.init_batch_size=64", "train.lr=0.3", "train.momentum=0.0",
