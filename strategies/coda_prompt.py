@@ -49,14 +49,18 @@ class CodaPromptConfig(PromptConfig):
     gram_schmidt: str = choice("exact", "exact", "released")  # exact | released (parity: per-vector projections onto old components)
 
 
-def gram_schmidt(old: torch.Tensor, n_new: int, generator: torch.Generator, released: bool = False) -> torch.Tensor:
+def gram_schmidt(old: torch.Tensor, n_new: int, generator: torch.Generator | None, released: bool = False,
+                 draws: torch.Tensor | None = None) -> torch.Tensor:
     """``n_new`` unit vectors drawn from N(0, I) and orthogonalised against the rows of ``old``
-    ``[s, n]`` and each other (``released``: the CODA code's loop, see module doc)."""
+    ``[s, n]`` and each other (``released``: the CODA code's loop, see module doc).  ``draws``: the
+    ``[n_new, n]`` Gaussian vectors to use instead of drawing them (reference tests)."""
     s, n = old.shape
     if s + n_new > n:
         raise ClbenchError(f"CODA-Prompt: {s + n_new} components of dimension {n} cannot be orthogonal; "
                            "lower strategy.pool_size or give the ViT a larger embedding")
-    draws = torch.randn(n_new, n, generator=generator, dtype=torch.float64)
+    if draws is None:
+        draws = torch.randn(n_new, n, generator=generator, dtype=torch.float64)
+    draws = draws.detach().double().cpu()
     old64 = old.detach().double().cpu()
     out = []
     if released:
@@ -107,8 +111,9 @@ class CodaPrompt(PromptStrategy):
         self.orthogonalise(self.task, ctx.seed)
 
     @torch.no_grad()
-    def orthogonalise(self, task: int, seed: int) -> None:
-        """Re-draw task ``task``'s components, orthonormal to those of tasks ``< task`` (per block)."""
+    def orthogonalise(self, task: int, seed: int, draws: dict[str, torch.Tensor] | None = None) -> None:
+        """Re-draw task ``task``'s components, orthonormal to those of tasks ``< task`` (per block).
+        ``draws``: ``{"p"|"k"|"a": [n_layers, M/T, dim]}`` Gaussian vectors to use instead (reference tests)."""
         pool: PromptPool = self.prompt
         released = self.cfg.gram_schmidt == "released"
         for j in range(len(pool.layers)):
@@ -116,7 +121,7 @@ class CodaPrompt(PromptStrategy):
                 old = torch.cat([plist[c][j].reshape(pool.chunk, -1) for c in range(task)]) if task else \
                     plist[task][j].new_zeros(0, plist[task][j][0].numel())
                 g = seeded_generator(seed, 106, task, j, ord(name))
-                new = gram_schmidt(old, pool.chunk, g, released)
+                new = gram_schmidt(old, pool.chunk, g, released, None if draws is None else draws[name][j])
                 plist[task][j].copy_(new.reshape(plist[task][j].shape))
 
     def trainable_prompt_parameters(self) -> list[nn.Parameter]:
@@ -128,10 +133,15 @@ class CodaPrompt(PromptStrategy):
         pool: PromptPool = self.prompt
         return (pool.all_prompts(upto, frozen), pool.all_keys(upto, frozen), pool.all_attention(upto, frozen))
 
+    @staticmethod
+    def weights(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """alpha ``[B, layers, M']`` = cos(q * A_m, K_m) per block (Eq. 3; the CODA code's ``aq_k``)."""
+        qn = nn.functional.normalize(q[:, None, None, :] * a[None], dim=-1)  # [B, layers, M', D]
+        return (qn * nn.functional.normalize(k, dim=-1)[None]).sum(-1)
+
     def prompts_for(self, q, batch_size, task, train) -> tuple[LayerPrompts, torch.Tensor | None]:
         p, k, a = self.components(train)
-        qn = nn.functional.normalize(q[:, None, None, :] * a[None], dim=-1)  # [B, layers, M', D]
-        alpha = (qn * nn.functional.normalize(k, dim=-1)[None]).sum(-1)  # [B, layers, M']
+        alpha = self.weights(q, k, a)
         prompt = torch.einsum("blm,lmxd->blxd", alpha, p)  # [B, layers, L, D]
         out = {layer: prompt[:, j, None] for j, layer in enumerate(self.prompt.layers)}
         aux = None

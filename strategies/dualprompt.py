@@ -33,6 +33,17 @@ Parity options with the JAX code (``google-research/l2p`` @ dd8836e), off by def
   task (a buffer in the prompt module records it, so resuming inside task t does not redo it).
 * ``prompt_init_scale: 0.01``: G-/E-prompts and keys ~ U(0, 0.01) (flax ``uniform()``).
 * ``zero_head``: the head's weight and bias start at zero.
+
+Keys (``key_sharing``): ``shared`` (default; the paper's Sec. 4.2 and the JAX code: one key per E-prompt,
+one selection for all E-prompt blocks) or ``per_layer`` (the CODA-Prompt code, ``models/zoo.py``
+``DualPrompt``: every E-prompt block has its own keys ``e_k_<l>``, each block's key loss is added, and at
+inference each block picks its own E-prompt by its own keys, so blocks may use different tasks' E-prompts).
+``key_loss_reduction``: ``mean`` over the batch (default; the paper's and the JAX code's ``reduce_sim``
+divides by the batch) or ``sum`` (the CODA code: ``(1.0 - cos_sim[:, task_id]).sum()``, batch and blocks
+summed).  With Adam and a detached query only the keys get this loss's gradient, so its scale barely
+changes training; it changes the logged loss.  The CODA-code mode (``key_sharing: per_layer,
+key_loss_reduction: sum``) equals the released module to float precision
+(``tests/test_reference_prompts.py``, golden from ``tools/reference/coda_prompt.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from torch import nn
 from clbench.prompts import (LayerPrompts, PromptConfig, PromptPool, PromptStrategy, cosine_to_keys, merge_prompts,
                              zero_head_)
 from clbench.registry import ClbenchError, register_strategy
-from clbench.validation import bounded
+from clbench.validation import bounded, choice
 
 
 @dataclass
@@ -62,6 +73,8 @@ class DualPromptConfig(PromptConfig):
     shared_prompt_pool: bool = False  # parity (JAX code): E-prompt t-1 copied into E-prompt t when task t starts
     prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
     zero_head: bool = False  # parity (JAX code): zero-initialised head
+    key_sharing: str = choice("shared", "shared", "per_layer")  # shared (paper, JAX) | per_layer (CODA code: keys per E-prompt block)
+    key_loss_reduction: str = choice("mean", "mean", "sum")  # mean over the batch (paper, JAX) | sum (CODA code)
 
 
 class DualPromptModule(nn.Module):
@@ -71,7 +84,8 @@ class DualPromptModule(nn.Module):
         super().__init__()
         scale = cfg.prompt_init_scale
         self.g = PromptPool(cfg.g_layers, 1, cfg.g_length, dim, init_scale=scale) if cfg.g_layers and cfg.g_length else None
-        self.e = PromptPool(cfg.e_layers, e_pool, cfg.e_length, dim, key_dim=dim, init_scale=scale)
+        self.e = PromptPool(cfg.e_layers, e_pool, cfg.e_length, dim, key_dim=dim, init_scale=scale,
+                            key_per_layer=cfg.key_sharing == "per_layer")
         if cfg.shared_prompt_pool:  # the last task whose E-prompt was initialised from its predecessor's
             self.register_buffer("transferred", torch.zeros((), dtype=torch.long))
 
@@ -110,13 +124,22 @@ class DualPrompt(PromptStrategy):
         return DualPromptModule(self.cfg, dim, pool)
 
     def prompts_for(self, q, batch_size, task, train) -> tuple[LayerPrompts, torch.Tensor | None]:
-        cos = cosine_to_keys(q, self.prompt.e.all_keys()[0])
+        # cosines [B, n_key, pool]: one key set (shared) or one per E-prompt block (per_layer)
+        cos = torch.stack([cosine_to_keys(q, keys) for keys in self.prompt.e.all_keys()], dim=1)
         if train and self.cfg.train_task_id:
-            idx = torch.full((batch_size, 1), self.task, dtype=torch.long, device=cos.device)
+            idx = torch.full(cos.shape[:2], self.task, dtype=torch.long, device=cos.device)
         else:
-            idx = cos.argmax(1, keepdim=True)
-        aux = self.cfg.key_loss_weight * (1 - cos.gather(1, idx)).mean() if train else None
-        parts = [self.prompt.e.select(idx)]
+            idx = cos.argmax(2)  # [B, n_key]
+        aux = None
+        if train:
+            pull = (1 - cos.gather(2, idx[..., None])).sum((1, 2))  # [B]: summed over the key blocks
+            aux = self.cfg.key_loss_weight * (pull.sum() if self.cfg.key_loss_reduction == "sum" else pull.mean())
+        if idx.shape[1] == 1:
+            e = self.prompt.e.select(idx)
+        else:  # per_layer: block j uses the E-prompt its own keys picked
+            p = self.prompt.e.all_prompts()
+            e = {layer: p[j][idx[:, j:j + 1]] for j, layer in enumerate(self.prompt.e.layers)}
+        parts = [e]
         if self.prompt.g is not None:
             parts.insert(0, self.prompt.g.broadcast(batch_size))
         return merge_prompts(*parts), aux

@@ -6,7 +6,7 @@ top-N keys by cosine similarity (L2P Eq. 3, gamma(q, k) = 1 - cos) select N prom
 are given to the ViT (a second forward); the head sees the pooled features.  Loss (L2P
 Eq. 5): CE + lambda * sum_i gamma(q(x), k_{s_i}) -- the "pull" of the selected keys
 towards the query (the query is detached); we take the mean over the selected keys and the
-batch, as the CODA code does (``mean(1 - cos)``, coefficient 1).
+batch (coefficient 1); the CODA code sums instead (``key_loss_reduction``, below).
 
 Defaults: **L2P++** as benchmarked in the CODA-Prompt paper and code (``GT-RIPL/CODA-Prompt``
 ``models/zoo.py`` ``L2P``, ``prompt_param 30 20 -1``): prefix-tuning, pool 30, length 20
@@ -30,7 +30,12 @@ Parity options with the JAX code (``google-research/l2p`` @ dd8836e, ``models/pr
 Parity flag: ``key_loss_gather`` reproduces the CODA code's key loss
 ``(1 - cos_sim[:, k_idx]).mean()``: ``cos_sim[:, k_idx]`` is a ``[B, B, N]`` gather, so each
 sample's query is pulled towards the keys *every* sample of the batch selected.  By default
-each query is pulled only towards its own selected keys (the paper's Eq. 5).
+each query is pulled only towards its own selected keys (the paper's Eq. 5).  ``key_loss_reduction``:
+``mean`` (default) or ``sum`` -- the CODA code **sums** (``(1.0 - cos_sim[:, k_idx]).sum()``, over
+B x B x top_k terms), it does not average as an earlier version of this docstring said; with Adam and a
+detached query only the keys get this gradient, so the scale barely changes training.  The CODA-code mode
+(``key_loss_gather: true, key_loss_reduction: sum``) equals the released ``L2P`` module (L2P++) to float
+precision (``tests/test_reference_prompts.py``, golden from ``tools/reference/coda_prompt.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class L2PConfig(PromptConfig):
     pool_features: str = choice("cls", "cls", "prompt")  # cls | prompt (original L2P: mean of the prompt tokens' outputs)
     key_loss_weight: float = bounded(1.0, ge=0)  # lambda of the pull constraint
     key_loss_gather: bool = False  # parity: CODA code's cos_sim[:, k_idx] (B x B x N) key loss
+    key_loss_reduction: str = choice("mean", "mean", "sum")  # mean (paper Eq. 5 as a mean) | sum (CODA code)
     batchwise_prompt: bool = False  # parity (JAX L2P): the batch's top_k most frequent prompts for every sample
     prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
     zero_head: bool = False  # parity (JAX code): zero-initialised head
@@ -80,10 +86,10 @@ def batchwise_top_k(idx: torch.Tensor, pool_size: int) -> torch.Tensor:
     return order[: idx.shape[1]].unsqueeze(0).expand(idx.shape[0], -1)
 
 
-def key_loss(cos: torch.Tensor, idx: torch.Tensor, gather_all: bool = False) -> torch.Tensor:
-    """mean(1 - cos(q_b, k_{idx[b, j]})); ``gather_all``: the CODA code's ``cos[:, idx]`` over all b'."""
+def key_loss(cos: torch.Tensor, idx: torch.Tensor, gather_all: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """mean (or sum) of 1 - cos(q_b, k_{idx[b, j]}); ``gather_all``: the CODA code's ``cos[:, idx]`` over all b'."""
     sel = cos[:, idx] if gather_all else cos.gather(1, idx)
-    return (1 - sel).mean()
+    return (1 - sel).sum() if reduction == "sum" else (1 - sel).mean()
 
 
 @register_strategy("l2p", config=L2PConfig,
@@ -109,5 +115,6 @@ class L2P(PromptStrategy):
         cos, idx = select_top_k(q, self.prompt.all_keys()[0], self.cfg.top_k)
         if self.cfg.batchwise_prompt:
             idx = batchwise_top_k(idx, self.cfg.pool_size)
-        aux = self.cfg.key_loss_weight * key_loss(cos, idx, self.cfg.key_loss_gather) if train else None
+        aux = self.cfg.key_loss_weight * key_loss(cos, idx, self.cfg.key_loss_gather,
+                                                  self.cfg.key_loss_reduction) if train else None
         return self.prompt.select(idx), aux
