@@ -25,6 +25,21 @@ idle, so several runs share one well).
     python benchmarks/adab2n_online_cifar10.py --bases er_ace --buffers 500 --seeds 0
     python benchmarks/adab2n_online_cifar10.py --set strategy.kappa=0.7 --set strategy.lambda_=1 --output-dir runs/k07
     python benchmarks/adab2n_online_cifar10.py --quick                     # tiny CPU version (digits, 1 seed)
+    python benchmarks/adab2n_online_cifar10.py --parity --grid --jobs 8    # the released code's recipe and sweep
+
+``--parity``: the released code's recipe (``lvyilin/AdaB2N`` @ 9aaba7e; each switch checked against
+it by tests/test_reference_adab2n.py): AdaB2N ``adab2n_variant=released``; ER-ACE's masks
+(``unseen_logits=true``) and mammoth's first task (``replay_start=second_task``); the BN baseline
+with SEPARATE forwards of the incoming batch and each buffer draw (``replay_forward=separate``, as
+mammoth's ``er_ace.py``/``derpp.py``, which the paper's BN rows ran), while AdaB2N keeps the joint
+forward of ``er_ace_ada.py``/``derpp_ada.py``; class order unshuffled (the released seed 0; its
+other seeds permute the classes with numpy's ``default_rng(42 + seed)``, not reproduced here).
+The BN-AdaB2N gap then mixes the normalisation with the batching, as the paper's tables do.
+
+``--grid``: the AdaB2N runs sweep the released ``run.py`` grid, kappa in {0.1, 0.4, 0.7, 1.0} x
+lambda in {0.01, 0.1, 1, 10} x ada_t0 in {0, 1} (32 points per base/buffer/seed; BN once), one
+JSON line per point plus a ``best`` line per (base, buffer) (highest mean class-IL over seeds).
+Which grid point each published number used is not in the released code.
 """
 
 from __future__ import annotations
@@ -43,21 +58,49 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "online_split_cifar10.yaml"
 DERPP_ALPHA_BETA = {500: (0.2, 0.5), 2000: (0.1, 1.0)}  # released best_args.py, seq-cifar10
+# the released run.py grid (CIFAR): kappa x lambda x ada_t0
+KAPPA_GRID = [0.1, 0.4, 0.7, 1.0]
+LAMBDA_GRID = [0.01, 0.1, 1.0, 10.0]
+ADA_T0_GRID = [0, 1]
+
+
+def grid_points(norm: str, grid: bool) -> list[tuple[float, float, int] | None]:
+    """AdaB2N's (kappa, lambda, ada_t0) points of the released run.py (None: the config's values)."""
+    if norm != "adab2n" or not grid:
+        return [None]
+    return [(k, lam, t0) for k in KAPPA_GRID for lam in LAMBDA_GRID for t0 in ADA_T0_GRID]
+
+
+def parity_overrides(base: str, norm: str) -> list[str]:
+    """The released code's recipe for one run (see --parity)."""
+    out = ["scenario.shuffle_classes=false"]
+    if norm == "adab2n":
+        out += ["strategy.adab2n_variant=released"]
+    else:
+        out += ["strategy.replay_forward=separate"]
+    if base == "er_ace":
+        out += ["strategy.unseen_logits=true", "strategy.replay_start=second_task"]
+    return out
 QUICK = ["scenario.dataset=digits", "scenario.data_root=null", "model.nf=8", "train.augment=none"]
 QUICK_BUFFERS = [50, 200]  # digits has ~1,400 training images
 
 
-def run_name(base: str, norm: str, buffer: int, seed: int) -> str:
-    return f"{base}-{norm}-m{buffer}-s{seed}"
+def run_name(base: str, norm: str, buffer: int, seed: int, point=None) -> str:
+    tag = "" if point is None else f"-k{point[0]:g}-l{point[1]:g}-t{point[2]}"
+    return f"{base}-{norm}{tag}-m{buffer}-s{seed}"
 
 
-def overrides_for(base: str, norm: str, buffer: int, seed: int, args) -> list[str]:
+def overrides_for(base: str, norm: str, buffer: int, seed: int, args, point=None) -> list[str]:
     out = [f"strategy={base}", f"strategy.norm={norm}", f"strategy.buffer_size={buffer}",
            "strategy.replay_batch_size=10", f"seed={seed}", "eval.every=0", "checkpoint.every=250",
            "logging.console=false", "logging.progress=false", "logging.tensorboard=false"]
     if base == "derpp":
         alpha, beta = DERPP_ALPHA_BETA.get(buffer, DERPP_ALPHA_BETA[500])
         out += [f"strategy.alpha={alpha}", f"strategy.beta={beta}"]
+    if getattr(args, "parity", False):
+        out += parity_overrides(base, norm)
+    if point is not None:
+        out += [f"strategy.kappa={point[0]}", f"strategy.lambda_={point[1]}", f"strategy.ada_t0={point[2]}"]
     if args.quick:
         out += QUICK
     return out + list(args.set)
@@ -89,7 +132,7 @@ def task_il_accuracies(engine) -> list[float]:
     return accs
 
 
-def run_one(base: str, norm: str, buffer: int, seed: int, args) -> dict:
+def run_one(base: str, norm: str, buffer: int, seed: int, args, point=None) -> dict:
     """Train one run (or resume it) and return its record; also written to results/<run>.json."""
     import torch
 
@@ -99,7 +142,7 @@ def run_one(base: str, norm: str, buffer: int, seed: int, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
-    name = run_name(base, norm, buffer, seed)
+    name = run_name(base, norm, buffer, seed, point)
     run_dir = out / "runs" / name
     start = time.time()
     if (run_dir / CHECKPOINT).is_file():
@@ -108,16 +151,17 @@ def run_one(base: str, norm: str, buffer: int, seed: int, args) -> dict:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # started but never checkpointed
         cfg = load_config(args.config, [f"output_dir={out / 'runs'}", f"name={name}",
-                                        *overrides_for(base, norm, buffer, seed, args)])
+                                        *overrides_for(base, norm, buffer, seed, args, point)])
         engine = Engine(cfg)
     summary = engine.run()
     task_il = task_il_accuracies(engine)
     final_row = summary["matrix"][-1]
     record = {"run": name, "base": base, "norm": norm, "buffer": buffer, "seed": seed,
+              "point": None if point is None else list(point),
               "class_il": 100 * summary["acc"], "task_il": 100 * sum(task_il) / len(task_il),
               "class_il_per_task": [100 * a for a in final_row], "task_il_per_task": [100 * a for a in task_il],
               "iterations": summary["iterations"], "seconds": round(time.time() - start, 1),
-              "device": str(engine.device), "overrides": overrides_for(base, norm, buffer, seed, args)}
+              "device": str(engine.device), "overrides": overrides_for(base, norm, buffer, seed, args, point)}
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / f"{name}.json").write_text(json.dumps(record, indent=1))
     return record
@@ -128,29 +172,41 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def aggregate(records: list[dict], args) -> list[dict]:
+    """One line per (base, norm, buffer[, grid point]) over seeds; with a grid, a ``best`` line per
+    (base, buffer): the AdaB2N point of highest mean class-IL."""
     lines = []
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["base"], r["norm"], r["buffer"]), []).append(r)
+        point = tuple(r["point"]) if r.get("point") else None
+        groups.setdefault((r["base"], r["norm"], r["buffer"], point), []).append(r)
     for base in args.bases:
         for buffer in args.buffers:
+            best = None
             for norm in args.norms:
-                runs = sorted(groups.get((base, norm, buffer), []), key=lambda r: r["seed"])
-                if not runs:
-                    continue
-                c_mean, c_std = mean_std([r["class_il"] for r in runs])
-                t_mean, t_std = mean_std([r["task_il"] for r in runs])
-                line = {"base": base, "norm": norm, "buffer": buffer, "dataset": "digits (quick)" if args.quick else "cifar10",
-                        "seeds": [r["seed"] for r in runs],
-                        "class_il_mean": round(c_mean, 2), "class_il_std": None if c_std is None else round(c_std, 2),
-                        "task_il_mean": round(t_mean, 2), "task_il_std": None if t_std is None else round(t_std, 2),
-                        "class_il": [round(r["class_il"], 2) for r in runs], "task_il": [round(r["task_il"], 2) for r in runs],
-                        "minutes_per_run": round(statistics.fmean(r["seconds"] for r in runs) / 60, 2)}
-                bn = groups.get((base, "bn", buffer))
-                if norm != "bn" and bn:
-                    line["class_il_gain_vs_bn"] = round(c_mean - statistics.fmean(r["class_il"] for r in bn), 2)
-                    line["task_il_gain_vs_bn"] = round(t_mean - statistics.fmean(r["task_il"] for r in bn), 2)
-                lines.append(line)
+                for point in grid_points(norm, getattr(args, "grid", False)):
+                    runs = sorted(groups.get((base, norm, buffer, point), []), key=lambda r: r["seed"])
+                    if not runs:
+                        continue
+                    c_mean, c_std = mean_std([r["class_il"] for r in runs])
+                    t_mean, t_std = mean_std([r["task_il"] for r in runs])
+                    line = {"base": base, "norm": norm, "buffer": buffer,
+                            "dataset": "digits (quick)" if args.quick else "cifar10",
+                            "parity": bool(getattr(args, "parity", False)), "seeds": [r["seed"] for r in runs],
+                            "class_il_mean": round(c_mean, 2), "class_il_std": None if c_std is None else round(c_std, 2),
+                            "task_il_mean": round(t_mean, 2), "task_il_std": None if t_std is None else round(t_std, 2),
+                            "class_il": [round(r["class_il"], 2) for r in runs], "task_il": [round(r["task_il"], 2) for r in runs],
+                            "minutes_per_run": round(statistics.fmean(r["seconds"] for r in runs) / 60, 2)}
+                    if point is not None:
+                        line.update(kappa=point[0], lambda_=point[1], ada_t0=point[2])
+                    bn = groups.get((base, "bn", buffer, None))
+                    if norm != "bn" and bn:
+                        line["class_il_gain_vs_bn"] = round(c_mean - statistics.fmean(r["class_il"] for r in bn), 2)
+                        line["task_il_gain_vs_bn"] = round(t_mean - statistics.fmean(r["task_il"] for r in bn), 2)
+                    lines.append(line)
+                    if point is not None and (best is None or c_mean > best["class_il_mean"]):
+                        best = line
+            if best is not None:
+                lines.append({**best, "best": True})
     return lines
 
 
@@ -166,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None, help="default runs/adab2n_online_cifar10[_quick]")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (separate processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    parser.add_argument("--parity", action="store_true", help="the released code's recipe (see the module docstring)")
+    parser.add_argument("--grid", action="store_true", help="AdaB2N over the released run.py kappa x lambda x ada_t0 grid")
     args = parser.parse_args(argv)
     args.buffers = args.buffers or (QUICK_BUFFERS if args.quick else [500, 2000])
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    args.output_dir = args.output_dir or str(REPO / "runs" / ("adab2n_online_cifar10_quick" if args.quick else "adab2n_online_cifar10"))
+    default_dir = "adab2n_online_cifar10" + ("_parity" if args.parity else "") + ("_quick" if args.quick else "")
+    args.output_dir = args.output_dir or str(REPO / "runs" / default_dir)
 
-    grid = [(b, n, m, s) for b in args.bases for m in args.buffers for n in args.norms for s in args.seeds]
+    grid = [(b, n, m, s, p) for b in args.bases for m in args.buffers for n in args.norms
+            for p in grid_points(n, args.grid) for s in args.seeds]
     results_dir = Path(args.output_dir) / "results"
     records, todo = [], []
     for key in grid:
@@ -189,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         load_dataset(scenario.dataset, scenario.data_root, None)  # decode/cache once before the workers start
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, *key, args) for key in todo]
+                futures = [pool.submit(run_one, *key[:4], args, key[4]) for key in todo]
                 for fut in futures:
                     rec = fut.result()
                     records.append(rec)
@@ -197,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"({rec['seconds']:.0f} s)", file=sys.stderr)
         else:
             for key in todo:
-                rec = run_one(*key, args)
+                rec = run_one(*key[:4], args, key[4])
                 records.append(rec)
                 print(f"# done {rec['run']}: class-IL {rec['class_il']:.2f} task-IL {rec['task_il']:.2f} "
                       f"({rec['seconds']:.0f} s)", file=sys.stderr)

@@ -29,7 +29,8 @@ released codes).
 ``replay_forward``: ``joint`` (default; AdaB2N's ``derpp_ada.py`` batching) or ``separate``:
 incoming batch, draw 1 and draw 2 through the model in three forwards in that order, as mammoth's
 ``derpp.py`` (BN normalises and updates its running statistics per part; the AdaB2N paper's BN
-rows were run that way).  ``norm=bn`` only.  With ``norm=adab2n``, ``adab2n_variant=released``,
+rows were run that way).  ``norm=bn`` only; a part of a single sample joins the next part
+(:func:`clbench.strategies._joint_replay.merge_single_samples`).  With ``norm=adab2n``, ``adab2n_variant=released``,
 ``ada_t0``, ``kappa`` and ``lambda_`` follow ``derpp_ada.py`` (:mod:`clbench.norms`).  Parity with
 ``lvyilin/AdaB2N`` @ 9aaba7e (``models/derpp.py``, ``models/derpp_ada.py``) is checked by
 ``tests/test_reference_adab2n.py``; ``configs/repro/adab2n_online_cifar10_derpp.yaml`` sets the

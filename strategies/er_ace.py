@@ -39,7 +39,8 @@ for BN, ``models/er_ace_ada.py`` for AdaB2N; checked against it by
 * ``replay_forward``: ``joint`` (default; ``er_ace_ada.py``'s batching) or ``separate``: the
   incoming and the buffer batch through the model in two forwards, incoming first, as
   mammoth's BN ``er_ace.py`` (so BN normalises and updates its running statistics per part;
-  the paper's BN rows were run that way).  ``norm=bn`` only.
+  the paper's BN rows were run that way).  ``norm=bn`` only; a part of a single sample joins the next part
+  (:func:`clbench.strategies._joint_replay.merge_single_samples`).
 * ``norm=adab2n`` with ``adab2n_variant=released``, ``ada_t0`` (the released run.py sweeps
   {0, 1}), ``kappa``, ``lambda_``: see :mod:`clbench.norms`.
 * The cosine classifier of the ER-ACE paper's code (``distLinear``, scale 10) is a model option,

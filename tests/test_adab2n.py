@@ -398,3 +398,74 @@ def test_cosine_classifier_option():
     assert type(linear.head) is torch.nn.Linear
     with pytest.raises(Exception):
         load_config(None, ["model=resnet18", "model.classifier=arc"])
+
+
+def test_separate_forward_parts_of_one_sample_join_the_next():
+    from clbench.strategies._joint_replay import merge_single_samples
+
+    assert merge_single_samples([10, 10, 10]) == [10, 10, 10]
+    assert merge_single_samples([1, 10, 10]) == [11, 10]
+    assert merge_single_samples([10, 1]) == [11]
+    assert merge_single_samples([3, 1, 4]) == [3, 5]
+    assert merge_single_samples([1]) == [1]
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adab2n_online_cifar10.py"
+    spec = importlib.util.spec_from_file_location("adab2n_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_grid_and_parity_recipe():
+    """--grid: the released run.py grid (kappa x lambda x ada_t0, CIFAR); --parity: the released
+    switches, and every run's overrides make a valid config."""
+    from types import SimpleNamespace
+
+    bench = _benchmark()
+    points = bench.grid_points("adab2n", True)
+    assert len(points) == 32 and len(set(points)) == 32
+    assert {p[0] for p in points} == {0.1, 0.4, 0.7, 1.0} and {p[1] for p in points} == {0.01, 0.1, 1.0, 10.0}
+    assert {p[2] for p in points} == {0, 1}
+    assert bench.grid_points("bn", True) == [None] and bench.grid_points("adab2n", False) == [None]
+    args = SimpleNamespace(parity=True, quick=False, set=[])
+    for base in ("er_ace", "derpp"):
+        for norm in ("bn", "adab2n"):
+            point = (0.7, 10.0, 1) if norm == "adab2n" else None
+            over = bench.overrides_for(base, norm, 2000, 1, args, point)
+            s = component_config(load_config(bench.CONFIG, over).strategy)
+            assert s.name == base and s.norm == norm
+            assert s.replay_forward == ("separate" if norm == "bn" else "joint")
+            if norm == "adab2n":
+                assert (s.adab2n_variant, s.kappa, s.lambda_, s.ada_t0) == ("released", 0.7, 10.0, 1)
+            if base == "er_ace":
+                assert s.unseen_logits and s.replay_start == "second_task"
+            else:
+                assert (s.alpha, s.beta) == (0.1, 1.0) and s.unseen_logits
+    assert bench.run_name("er_ace", "adab2n", 500, 0, (0.1, 0.01, 0)) == "er_ace-adab2n-k0.1-l0.01-t0-m500-s0"
+    assert bench.run_name("er_ace", "bn", 500, 0) == "er_ace-bn-m500-s0"
+
+
+def test_repro_configs_follow_the_released_recipe():
+    from pathlib import Path
+
+    repro = Path(__file__).resolve().parents[1] / "configs" / "repro"
+    for base in ("er_ace", "derpp"):
+        for suffix, norm in (("", "adab2n"), ("_bn", "bn")):
+            cfg = load_config(repro / f"adab2n_online_cifar10_{base}{suffix}.yaml", [])
+            s = component_config(cfg.strategy)
+            assert (s.name, s.norm, s.buffer_size, s.replay_batch_size) == (base, norm, 500, 10)
+            assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.momentum) == (0.03, 10, 1, 0.0)
+            assert cfg.scenario.n_tasks == 5 and not cfg.scenario.shuffle_classes and cfg.model.nf == 64
+            assert s.replay_forward == ("joint" if norm == "adab2n" else "separate")
+            if norm == "adab2n":
+                assert s.adab2n_variant == "released"
+            assert s.unseen_logits
+            if base == "er_ace":
+                assert s.replay_start == "second_task"
+            else:
+                assert (s.alpha, s.beta) == (0.2, 0.5)
