@@ -53,6 +53,10 @@ Differences from the released code (``variant="released"`` reproduces them):
   equals ``BatchNorm2d`` exactly, running statistics included.
 * State.  ``eta_t`` lives in a buffer (``eta``), so it is in the model's state dict and a
   resumed run continues the same sequence (the released code keeps it in a Python attribute).
+
+``tests/test_reference_adab2n.py`` checks the ``released`` variant against the official layer
+(outputs, regulariser, running statistics, gradients including ``task_weight``'s; golden written by
+``tools/reference/adab2n.py``) and that the ``paper`` variant differs exactly where described above.
 """
 
 from __future__ import annotations
@@ -242,7 +246,10 @@ class NormOptions:
     (``init_weight=0``, ``--ada_t0 0``); the released code has no defaults for kappa and
     lambda, only the grid of its launcher ``run.py`` (kappa in {0.1, 0.4, 0.7, 1.0}, lambda in
     {0.01, 0.1, 1, 10} for CIFAR), and which grid point each published number used is not
-    stated: 0.4 and 0.1 are mid-grid choices of ours.
+    stated: 0.4 and 0.1 are mid-grid choices of ours.  ``adab2n_variant``: ``paper`` (default, the
+    paper's Sec. 4 statistics) or ``released`` (the official code's).  ``replay_forward``: ``joint``
+    (default; the released AdaB2N runs) or ``separate`` (the released BN baselines, mammoth's
+    ``er_ace.py``/``derpp.py``; BN only).
     """
 
     norm: str = choice("bn", "bn", "adab2n")  # bn | adab2n (every BatchNorm2d of the model swapped in setup)
