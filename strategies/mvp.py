@@ -54,6 +54,12 @@ Parity flags / choices (defaults = the paper as described in spec §8):
   ``[B,1,M] / [B,1]`` broadcast to ``[B,B,M]`` (each sample's key distances divided by every
   sample's mass; likewise ``distance / mass[topk]`` is ``[B,B]``); default: each sample's own mass.
 * ``focal_batch_mean`` -- see 3.
+* Released-code parity mode: ``query: penultimate, contrastive_broadcast: true,
+  focal_batch_mean: true`` (``mode: tokens_per_block``, gamma 2): equal to the official
+  ``models/mvp.py`` + ``methods/mvp.py`` update at every step of a 6-step online case on the
+  ViT-Tiny/8 (selection exact; logits, key loss, loss, gradients, parameters to <= 3e-6),
+  ``tests/test_reference_mvp.py`` (golden from ``tools/reference/mvp.py``); on in
+  ``configs/repro/si_blurry_mvp_tiny_imagenet100.yaml``.
 * Initialisation: prompts and keys ``N(0, 1)`` (the code's ``torch.randn``), masks -1.
 * ``gamma`` is 2 as in the paper (spec §8) and in the released code: at the official commit
   ``61bd5eb`` (and at ``c90d6d7``) the argparse default is ``--gamma 2.`` in

@@ -22,6 +22,7 @@ of 4 images get ``online_iter=3`` Adam steps (lr 5e-3) each, as in the official 
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,13 @@ def test_paper_mode_agrees_where_the_modes_agree_and_differs_in_the_losses():
     # clbench's default query (the final, normed [CLS]) is not the released one
     assert MVPConfig().query == "cls" and parity_cfg().query == "penultimate"
     assert MVPConfig().gamma == X["gamma"] == 2.0  # the released argparse default, no override
+
+
+def test_repro_config_uses_the_parity_mode():
+    from clbench.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "repro" / "si_blurry_mvp_tiny_imagenet100.yaml")
+    flags = ("mode", "query", "contrastive_broadcast", "focal_batch_mean", "use_mask", "use_contrastive", "use_gsf",
+             "use_afs", "alpha", "gamma", "margin", "mask_past_logits")
+    assert {k: getattr(cfg.strategy, k) for k in flags} == {k: getattr(parity_cfg(), k) for k in flags}
+    assert cfg.scenario.sampler == "official" and cfg.eval.online_points == "official"
