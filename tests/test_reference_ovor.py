@@ -271,3 +271,28 @@ def test_vor_released_outlier_batches_in_the_engine(tmp_path):
     for i, (ood_logits, all_logits) in enumerate(seen):
         assert all_logits.shape[0] == 8 * 5 and ood_logits.shape[0] == 20  # 40 outliers / 2 steps
         torch.testing.assert_close(ood_logits, all_logits[(i % 2) * 20:(i % 2 + 1) * 20], atol=1e-6, rtol=1e-6)
+
+
+def test_ovor_schedule_and_vor_phase_follow_the_released_epochs():
+    """OVOR's ``--epochs 0 40 10``: ``train.scheduler: coda_cosine`` over the 50 epochs gives the lr of every
+    epoch as the released ``NormalNN.train`` steps ``CosineSchedule(K=50)`` (the VOR epochs continue the
+    cosine), and ``vor_fraction: 0.2`` starts the VOR phase at epoch 40."""
+    from clbench.engine import make_scheduler
+    from clbench.prompts import PromptStrategy
+
+    gold = load_golden("ovor_vor_step")["schedule/epochs_0_40_10"]
+    per_epoch, n_epochs, base = 3, 50, 1e-3
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    cfg = SimpleNamespace(scheduler="coda_cosine", warmup_iters=0, milestones=[], gamma=0.1, lr=base)
+    sched = make_scheduler(opt, cfg, n_epochs * per_epoch, per_epoch)
+    lrs = []
+    for _ in range(n_epochs * per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    per_iter = torch.tensor(lrs, dtype=torch.float64).reshape(n_epochs, per_epoch)
+    assert torch.equal(per_iter, per_iter[:, :1].expand(-1, per_epoch))  # constant within an epoch
+    torch.testing.assert_close(per_iter[:, 0], gold, atol=0, rtol=1e-12)
+    strategy = OnePrompt(OnePromptConfig(vor=True, vor_fraction=0.2))
+    ctx = SimpleNamespace(n_iterations=n_epochs * per_epoch)
+    assert PromptStrategy._vor_start(strategy, ctx) == 40 * per_epoch

@@ -28,7 +28,8 @@ Cholesky factor plus 0), so the test replays it with ``torch.Generator().manual_
 ``ovor_vor_step``: three VOR head-training steps of ``_train_one_epoch_ood`` (task 2 of a
 10-class head: past classes 0-3, current 4-6, unseen 7-9; 12 ID features per batch with 4 outliers
 each; Adam lr 1e-3): per step the loss, ``NPOS.loss``'s energy term, the head gradients, and the
-head after the steps.
+head after the steps; and the lr of each of the 50 epochs of ``--epochs 0 40 10`` as the official
+``NormalNN.train`` loop steps ``CosineSchedule`` (run over empty loaders).
 
 ``ovor_oneprompt``: OnePrompt (``prompt_param 10 40 10``: length 10 in blocks 0-1, 40 in blocks 2-4)
 on the shared ViT-Tiny/8 (``/work/shared/data/weights/vit-tiny-tinyimagenet100``, loaded into the
@@ -223,7 +224,10 @@ def vor_step(src: Path) -> None:
         _record_steps(learner, dict(last.named_parameters()), grads)
         learner._train_one_epoch_ood(None, 40)
         lr = learner.optimizer.param_groups[0]["lr"]
+    schedule = vor_schedule(src, [0, 40, 10])
+    print("lr per epoch (epochs 0 40 10):", [round(v, 7) for v in schedule.tolist()[:3]], "...", schedule[-1].item())
     tensors = {"ids": ids, "targets": targets, "oods": oods, "init/weight": init["weight"], "init/bias": init["bias"],
+               "schedule/epochs_0_40_10": schedule,
                "loss": torch.tensor(losses), "energy_loss": torch.stack(ood_losses),
                "final/weight": last.weight.detach(), "final/bias": last.bias.detach(), "lr": torch.tensor(lr, dtype=torch.float64)}
     for i, gr in enumerate(grads):
@@ -234,6 +238,36 @@ def vor_step(src: Path) -> None:
                  extra={"out_dim": out_dim, "subset_start": start, "subset_end": end, "id_bsz": bsz, "ood_bsz": ood_bsz,
                         "lr": 1e-3, "betas": [0.9, 0.999], "lmda": 0.1, "thres_id": -15.0, "thres_ood": -3.0},
                  notes="NormalNN._train_one_epoch_ood, 3 steps on stored features (no shuffle), Adam lr 1e-3")
+
+
+def vor_schedule(src: Path, epochs: list) -> torch.Tensor:
+    """The lr of each epoch as the released ``NormalNN.train`` steps ``CosineSchedule(K = sum(epochs))``
+    for ``--epochs E0 E1 E2`` (regular epochs step it when epoch > 0, every VOR epoch steps it): the
+    official ``train`` loop over an empty dataloader and empty outlier loaders."""
+    lrs = []
+    with imported_from(src, "learners", "models", "utils"):
+        from learners import prompt as prompt_mod
+        from models import zoo
+
+        last = nn.Linear(2, 2)
+        learner = _learner(prompt_mod, zoo, _zoo(zoo, None, None, last), out_dim=2, start=0, end=2, epochs=epochs,
+                           losses=[])
+        learner.logger.timer = types.SimpleNamespace(tic=lambda: None, toc=lambda: 0.0)
+        learner.logger.train_time = _Meter()
+        learner._get_learnable_params = lambda: list(last.parameters())
+        learner._get_ood_samples = lambda dataloader: ([], [])
+        for name in ("_train_one_epoch", "_train_one_epoch_ood"):
+            method = getattr(learner, name)
+
+            def recording(*a, _method=method, **k):
+                out = _method(*a, **k)
+                lrs.append(learner.optimizer.param_groups[0]["lr"])
+                return out
+
+            setattr(learner, name, recording)
+        learner.train([], task=0)
+    assert len(lrs) == sum(epochs)
+    return torch.tensor(lrs, dtype=torch.float64)
 
 
 def oneprompt(src: Path) -> None:
