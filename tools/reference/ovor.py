@@ -58,7 +58,6 @@ Run:  python tools/reference/ovor.py [--source DIR]   (DIR: a clone of jpmorganc
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import types
 from pathlib import Path
