@@ -26,10 +26,20 @@ from reference_golden import load_golden
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# tolerances: logits/pseudo-labels (32 augmentations through clbench's batched re-implementation of
-# the torchvision ops, ~1e-6 apart) and parameters after Adam steps
-LOGITS = dict(atol=2e-5, rtol=1e-5)
-PARAMS = dict(atol=2e-6, rtol=1e-5)
+# Tolerances.  Seen on the generating machine: pseudo-labels within 2e-7 (32 augmentations through clbench's
+# batched re-implementation of the torchvision ops), weights within 4e-7, bit-exact on the plain-teacher steps
+# and for TENT / BN-adapt.  The bounds are wider because Adam divides by sqrt(v): a weight whose gradient is
+# nearly zero moves by ~lr whatever the gradient's rounding, so a 1-ulp difference upstream (another CPU's
+# conv kernels; a mathematically equal EMA formula) can move it by up to ~3e-5 (lr 1e-3); ``_close`` also
+# requires 98% of the elements to agree within 1e-6.
+LOGITS = dict(atol=5e-5, rtol=1e-5)
+PARAMS = dict(atol=1e-4, rtol=1e-4)
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, **PARAMS, msg=lambda m: f"{what}: {m}")
+    far = (actual - expected).abs() > 1e-6 + 1e-5 * expected.abs()
+    assert far.float().mean() <= 0.02, f"{what}: {int(far.sum())} of {far.numel()} elements beyond 1e-6"
 
 
 def tiny_bn_cnn() -> nn.Module:
@@ -106,9 +116,9 @@ def test_cotta_matches_released_code_step_by_step():
         assert moved.float().mean() > 0.9
         assert torch.equal((after == source)[moved], mask[moved]), t
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), g[f"student.{t}.{name}"], **PARAMS, msg=lambda m: f"step {t} student {name}: {m}")
+            _close(p.detach(), g[f"student.{t}.{name}"], f"step {t} student {name}")
         for name, p in strategy.teacher.named_parameters():
-            torch.testing.assert_close(p.detach(), g[f"teacher.{t}.{name}"], **PARAMS, msg=lambda m: f"step {t} teacher {name}: {m}")
+            _close(p.detach(), g[f"teacher.{t}.{name}"], f"step {t} teacher {name}")
 
 
 def test_cotta_restore_masks_come_from_the_matched_generator():
@@ -142,7 +152,7 @@ def test_cotta_predict_student_mode_scores_the_student_and_trains_the_same():
         scores = _step(strategy, g["images"][t], ctx, optimizer)
         torch.testing.assert_close(scores, g[f"student_logits.{t}"], **LOGITS)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), g[f"student.{t}.{name}"], **PARAMS)
+            _close(p.detach(), g[f"student.{t}.{name}"], f"step {t} student {name}")
 
 
 def test_cotta_probability_average_differs_from_the_code_where_it_must():
@@ -171,7 +181,7 @@ def test_tent_matches_released_code_step_by_step():
         torch.testing.assert_close(scores, g[f"outputs.{t}"], **LOGITS)
         assert torch.equal(scores.argmax(1), g[f"outputs.{t}"].argmax(1))
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), g[f"params.{t}.{name}"], **PARAMS, msg=lambda m: f"step {t} {name}: {m}")
+            _close(p.detach(), g[f"params.{t}.{name}"], f"step {t} {name}")
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, init[n])}
     assert moved == {"1.weight", "1.bias", "4.weight", "4.bias"}  # BN affine only, as in the code
 
