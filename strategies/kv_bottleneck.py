@@ -47,6 +47,9 @@ Parity with the released code (``core.py`` @ 1987958, ``scripts/train.py`` @ abd
   iterations x 2000 = 80,000 SGD steps per task); the CIFAR-100 sweep sets 500 (50 tasks of 2 classes,
   1,000 images: 4 x 500 = 2,000 steps per task).  ``epoch_factor`` only scales a logged counter.
   ``configs/repro/kv_bottleneck_cifar10.yaml`` / ``kv_bottleneck_cifar100.yaml``.
+* ``mask_unused``: the code gives never-selected keys the batch's largest distance (``dist[unused] = min(-dist)``)
+  rather than removing them; the same choice unless a codebook has no selected key at all (the code then takes
+  key 0, clbench the nearest key) -- only before any training.
 * Class order: seeds 0 and 42 use the fixed order [[0, 1], [2, 3], ...]; the sweeps' seeds 1-5 shuffle
   the classes with Python's ``random`` (not reproducible here: clbench's scenario draws its own order).
 
