@@ -372,7 +372,7 @@ def test_si_blurry_dualprompt_picks_e_prompts_by_key_in_training(tmp_path):
             torch.testing.assert_close(prompts[layer], p)
         cos = F.cosine_similarity(q, s.prompt.e.keys[0][0][idx], dim=-1)
         assert aux.item() == pytest.approx(float((1 - cos.detach()).mean()), rel=1e-5)  # the code's lambd * e_s.mean()
-    summary = run(cfg("strategy.train_task_id=false", name="online"))
+    summary = run(cfg("strategy.train_task_id=false", "train.batch_size=64", name="online"))
     assert summary["status"] == "finished" and summary["a_auc"] is not None
     repro = load_config(ROOT / "configs" / "repro" / "si_blurry_dualprompt_tiny_imagenet100.yaml")
     assert not repro.strategy.train_task_id and repro.strategy.e_pool_size == 10
