@@ -27,7 +27,6 @@ from torch import nn
 
 from clbench.composite import Composite, composite_config
 from clbench.registry import STRATEGIES, ClbenchError
-from clbench.regularizers import QuadraticRegularizer
 from clbench.strategy import Batch, Context
 from reference_golden import load_golden
 
@@ -172,29 +171,23 @@ def test_ewc_lwf_kd_term_is_the_cross_entropy_minus_the_teachers_entropy():
 
 
 def test_paper_mode_penalty_formula_matches_given_the_same_fisher_and_anchor():
-    """clbench's default EWC/L2 penalty (lambda/2 F (theta - theta*)^2, lambda (theta - theta*)^2) on the
-    golden's Fisher, anchor and weights = the released loss_reg at step 8 (first step after the stored
-    weights of step 7)."""
-    model = initial_model()
-    theta = G["ewc_mc/params"][2]
-    torch.nn.utils.vector_to_parameters(theta, model.parameters())
-    params = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
-    ewc_cfg, l2_cfg = STRATEGIES.get("ewc").config(), STRATEGIES.get("l2").config()
-
-    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for n, p in params.items():
-            out[n] = v[i:i + p.numel()].view_as(p)
-            i += p.numel()
-        return out
-
-    reg = QuadraticRegularizer(params)
-    reg.importance, reg.anchor = unflat(G["ewc_mc/fisher_task0"]), unflat(G["ewc_mc/anchor_task0"])
-    close(torch.tensor(float(ewc_cfg.lambda_ / 2 * reg.penalty())), G["ewc_mc/loss_reg"][7], "EWC penalty")
-    torch.nn.utils.vector_to_parameters(G["l2_mc/params"][2], model.parameters())
-    reg.importance = {n: torch.ones_like(p) for n, p in params.items()}
-    reg.anchor = unflat(G["l2_mc/anchor_task0"])
-    close(torch.tensor(float(l2_cfg.lambda_ * reg.penalty())), G["l2_mc/loss_reg"][7], "L2 penalty")
+    """clbench's default EWC and L2 (lambda/2 F (theta - theta*)^2, lambda (theta - theta*)^2), given the
+    golden's Fisher, anchor and weights after step 7, give the released loss_reg of step 8."""
+    ctx, _ = context()
+    for name, variant in (("ewc", "ewc_mc"), ("l2", "l2_mc")):
+        model = initial_model()
+        strategy = make_strategy({name: {}})
+        strategy.setup(model, ctx)
+        torch.nn.utils.vector_to_parameters(G[f"{variant}/params"][2], model.parameters())
+        params = strategy.reg.params
+        sizes = [p.numel() for p in params.values()]
+        anchor = G[f"{variant}/anchor_task0"].split(sizes)
+        fisher = G[f"{variant}/fisher_task0"].split(sizes) if name == "ewc" else [torch.ones(n) for n in sizes]
+        strategy.reg.anchor = {n: a.view_as(p) for (n, p), a in zip(params.items(), anchor)}
+        strategy.reg.importance = {n: f.view_as(p) for (n, p), f in zip(params.items(), fisher)}
+        with torch.no_grad():
+            pen = strategy.penalty(None, None, ctx)
+        close(pen.reshape(()), G[f"{variant}/loss_reg"][7], f"{name} penalty")
 
 
 def test_paper_mode_differs_from_released_recipe():
