@@ -55,7 +55,9 @@ class TrainConfig:
     warmup_iters: int = bounded(0, ge=0)
     amp: str = choice("none", "none", "bf16", "fp16")  # none | bf16 | fp16 (CUDA only)
     grad_clip: Optional[float] = bounded(None, gt=0)  # max global gradient norm
-    augment: str = choice("none", "none", "flip", "crop_flip")  # none | flip | crop_flip (random crop with 4-px padding + horizontal flip)
+    # none | flip | crop_flip (random crop with 4-px padding + horizontal flip) | resized_crop_flip
+    # (torchvision RandomResizedCrop to the model's input size + horizontal flip; FeTrIL's released initial model)
+    augment: str = choice("none", "none", "flip", "crop_flip", "resized_crop_flip")
     reset_optimizer: bool = True  # new optimiser state at each experience
     data_on_device: bool = True  # hold the whole stream on the device as uint8
     channels_last: bool = False  # GPU: model weights and training inputs in channels-last (ignored on CPU)

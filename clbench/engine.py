@@ -203,7 +203,8 @@ class Engine:
         self.strategy: Strategy = build_strategy(cfg.strategy)  # a Composite for strategy=[a,b]
         mean, std = getattr(self.model, "input_stats", None) or (stream.mean, stream.std)
         self.ctx = Context(stream=self.stream, device=self.device, seed=cfg.seed,
-                           preprocess=Preprocess(mean, std, cfg.train.augment, size=getattr(self.model, "input_size", None)))
+                           preprocess=Preprocess(mean, std, cfg.train.augment, size=getattr(self.model, "input_size", None),
+                                                 crop=getattr(self.model, "input_crop", 1.0)))
         self.ctx.class_mask = self.stream.class_mask(0).to(self.device)
         self.online = cfg.train.online
         if self.online:

@@ -58,10 +58,21 @@ Differences from the official code (paper behaviour by default):
 * It trains one binary ``LinearSVC`` per class in a process pool and writes the weights to
   text files; here the per-class fits run in threads (liblinear releases the GIL) and the
   weights stay tensors.  The problems solved are the same.
-* Initial training and features: the released recipe is a LUCIR-style ResNet-18 at 224x224
-  (90 epochs) plus a 290-epoch AugMix/Lookahead fine-tune, features taken after Resize 256 +
-  CenterCrop 224.  clbench trains the initial model with the run's ``train.*`` settings at
-  the dataset's resolution and extracts features from the un-augmented images.
+* Initial training and features: the released recipe (``codes/scratch.py``) is a LUCIR-style
+  ResNet-18 at 224x224 (90 epochs) plus a 290-epoch AugMix/Lookahead fine-tune, features taken
+  after Resize 256 + CenterCrop 224.  clbench trains the initial model with the run's
+  ``train.*``/``model.*`` settings and extracts features from the un-augmented images (the
+  evaluation preprocessing).  The first part of the released recipe is
+  ``configs/repro/fetril_tiny_imagenet_official_initial.yaml``: ``model.last_relu: false`` and
+  ``model.classifier: lucir`` (LUCIR's ``lucir_models/modified_resnet.py`` with utilsCIL's
+  ``CosineLinear``; same outputs as the official module, ``tests/test_reference_fetril.py``),
+  ``model.input_size: 224`` with ``train.augment: resized_crop_flip`` (``RandomResizedCrop(224)``
+  + flip) and ``model.input_crop: 0.875`` (``Resize(256) + CenterCrop(224)`` for the test images
+  and the features), SGD lr 0.1 / momentum 0.9 / wd 1e-4, batch 128, 90 epochs,
+  ``train.scheduler: multistep`` at [30, 60] x0.1.  The AugMix/Lookahead fine-tune (a torchvision
+  ResNet-18 whose last ReLU is back) is not reproduced; the paper text does not describe it.
+  ``configs/fetril_tiny_imagenet.yaml`` is the cheaper 64 px recipe (a different initial model,
+  so the numbers shift).
 * ``svm_solver: torch`` (not the default) solves liblinear's exact primal problem for all
   classes at once on the device (Newton-CG, float64; see :func:`fit_linear_svms_torch`):
   the same optimum, reached within the same relative-gradient tolerance, so scores differ
@@ -134,6 +145,9 @@ class FeTrIL(Strategy):
             raise ClbenchError(f"strategy.svm_solver must be one of {', '.join(SVM_SOLVERS)}, got '{cfg.svm_solver}'")
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ClbenchError("FeTrIL needs a clbench Classifier model (model.features(x) and model.feature_dim)")
+        if cfg.classifier == "fc" and not cfg.fc_normalize and getattr(model.head, "bias", None) is None:
+            raise ClbenchError("FeTrIL^fc (strategy.classifier=fc) starts from the model's linear head after the initial "
+                               "state; use model.classifier=linear (or strategy.fc_normalize=true, which fits its own layer)")
         if ctx.stream.protocol not in ("class", "task"):
             raise ClbenchError(f"FeTrIL is a class-incremental method; the stream's protocol is '{ctx.stream.protocol}'")
         n_classes, dim, device = ctx.stream.num_classes, model.feature_dim, ctx.device

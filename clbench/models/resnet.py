@@ -77,6 +77,7 @@ class ResNet18Config:
     cosine_scale: float = bounded(10.0, gt=0)  # scale factor of the cosine head (AML: 10)
     last_relu: bool = True  # false: no ReLU after the last residual block (LUCIR's modified ResNet-18, FeTrIL's released initial model)
     input_size: int = bounded(0, ge=0)  # 0: the data's resolution | N: inputs resized (bilinear, after augmentation) to N x N (FeTrIL's released recipe: 224)
+    input_crop: float = bounded(1.0, gt=0, le=1)  # evaluation/features: resize to input_size / input_crop, keep the central input_size (FeTrIL: 0.875 = Resize 256 + CenterCrop 224)
 
 
 @register_model("resnet18", config=ResNet18Config,
@@ -88,4 +89,5 @@ def resnet18(cfg: ResNet18Config, input_shape: tuple[int, int, int], num_classes
     model = set_classifier(Classifier(backbone, backbone.out_dim, num_classes), cfg.classifier, cfg.cosine_scale)
     if cfg.input_size:
         model.input_size = (cfg.input_size, cfg.input_size)
+    model.input_crop = cfg.input_crop  # read by the engine's preprocessing (evaluation and feature extraction only)
     return model
