@@ -118,3 +118,19 @@ def test_multistep_schedule_steps_at_epochs_30_and_60():
     by_epoch = [lrs[e * per_epoch] for e in range(90)]
     for e, lr in enumerate(by_epoch):  # torch MultiStepLR stepped once per epoch, as scratch.py
         assert math.isclose(lr, 0.1 * 0.1 ** ((e >= 30) + (e >= 60)), rel_tol=1e-12), (e, lr)
+
+
+def test_fetril_fc_refuses_the_lucir_head():
+    """FeTrIL^fc warm-starts its layer from the model's linear head; with LUCIR's cosine head it says so."""
+    from types import SimpleNamespace
+
+    from clbench.models.resnet import ResNet18Config, resnet18
+    from clbench.registry import ClbenchError
+    from clbench.strategies.fetril import FeTrIL, FeTrILConfig
+
+    model = resnet18(ResNet18Config(nf=4, stem="imagenet", classifier="lucir", last_relu=False), (3, 32, 32), 4)
+    ctx = SimpleNamespace(stream=SimpleNamespace(num_classes=4, protocol="class"), device=torch.device("cpu"))
+    with pytest.raises(ClbenchError, match="model.classifier=linear"):
+        FeTrIL(FeTrILConfig(classifier="fc")).setup(model, ctx)
+    FeTrIL(FeTrILConfig(classifier="fc", fc_normalize=True)).setup(model, ctx)  # fits its own layer: fine
+    FeTrIL(FeTrILConfig(classifier="svm")).setup(model, ctx)

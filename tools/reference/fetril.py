@@ -46,8 +46,16 @@ Note the official sign: ``y = np.empty(..., dtype=str)`` truncates '+1'/'-1' to 
 positive class is then '-' ("not c"), so the written weights are minus clbench's; ``compute_predictions.py``
 ranks by ascending score, which makes the prediction the argmax of clbench's score again.
 
+Second golden ``tests/reference/fetril_lucir_resnet18.safetensors`` (the released initial model's
+architecture): the official ``lucir_models/modified_resnet.py::resnet18`` (LUCIR's ResNet-18: ImageNet stem, no
+ReLU after the last block, ``AvgPool2d(7)``) with utilsCIL's ``modified_linear.CosineLinear`` head, 10 classes,
+its weights set by :func:`lucir_fill` in state-dict order from a seed, on two seeded 224 px inputs: the head's
+input features and the logits in eval mode and in train mode; ``extra.keys`` maps each official key to clbench's
+``resnet18(stem=imagenet, nf=64, last_relu=false, classifier=lucir)`` key (:func:`lucir_key`).
+
 Run: ``python tools/reference/fetril.py [--source DIR] [--utils-source DIR]`` (CPU, seconds; needs
-scikit-learn, pandas, torch).
+scikit-learn, pandas, torch).  Rerunning rewrites both goldens; ``fetril``'s SVM figures may move at the
+rounding level because the official loader's row order within a class is ``os.listdir``'s (recorded).
 """
 
 from __future__ import annotations
