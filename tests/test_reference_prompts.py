@@ -425,3 +425,22 @@ def test_coda_cosine_schedule_equals_the_coda_code():
         e = torch.arange(K, dtype=torch.float64)
         want = base * torch.cos(99 * math.pi * (e - 1).clamp(min=0) / (200 * (K - 1)))
         torch.testing.assert_close(gold[f"lr/K{K}"], want, atol=1e-15, rtol=1e-12)
+
+
+def test_coda_code_repro_configs_turn_the_tested_parity_modes_on():
+    """The configs that follow the CODA code use the modes the goldens above check, and its schedule."""
+    from pathlib import Path
+
+    from clbench.config import load_config
+
+    repro = Path(__file__).resolve().parents[1] / "configs" / "repro"
+    want = {"coda_prompt_imagenet_r.yaml": {"name": "coda_prompt", "gram_schmidt": "released", "ortho_mu": 0.0},
+            "coda_prompt_l2p_pp_imagenet_r.yaml": {"name": "l2p", "key_loss_gather": True, "key_loss_reduction": "sum",
+                                                   "layers": [0], "top_k": 5},
+            "coda_prompt_dualprompt_imagenet_r.yaml": {"name": "dualprompt", "key_sharing": "per_layer",
+                                                       "key_loss_reduction": "sum", "train_task_id": True}}
+    for file, fields in want.items():
+        cfg = load_config(repro / file, [])
+        assert {k: getattr(cfg.strategy, k) for k in fields} == fields, file
+        assert (cfg.train.scheduler, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == ("coda_cosine", "adam", 0.001, 128)
+    assert load_config(repro / "dualprompt_imagenet_r.yaml", []).strategy.key_sharing == "shared"  # paper / JAX
