@@ -19,7 +19,8 @@ the second task on).
 
 AdaB2N's regulariser enters the loss from experience ``ada_t0`` on (default 0); the released
 ``ErACEAda`` adds it only from the second task (its first task has no replay), which
-``strategy.ada_t0=1`` reproduces.
+``strategy.replay_start=second_task`` reproduces together with the rest of that first task
+(``ada_t0=1`` alone only drops the term).
 
 ``unseen_logits=true`` reproduces the released codes' masks: the incoming CE also keeps every
 class id >= the largest class seen so far (``mask[:, seen.max():] = 1``, "unmask unseen
