@@ -13,6 +13,8 @@ unaligned heads come back) and ``predict``.  The initial heads are the official 
 
 Parity mode (``reset_final_norm=true``, the released code) equals the golden; the default mode
 (``reset_final_norm=false``, the pretrained norm kept) gives other features (checked to differ).
+``configs/repro/slca_*.yaml`` are checked against ``exps/slca/*.json`` and ``models/slca.py``'s globals (as the
+script recorded them), and the engine's ``multistep`` schedule against torch's ``MultiStepLR`` stepped per epoch.
 
 Tolerances (largest differences seen in brackets; timm's attention kernel vs the official explicit
 softmax attention, and float32 summation orders, are the only sources):
