@@ -219,3 +219,31 @@ def test_fisher_bce_needs_the_batch_estimate():
     cfg = dataclasses.replace(STRATEGIES.get("ewc").config(), fisher_loss="bce_new")
     with pytest.raises(ClbenchError, match="fisher=batch"):
         STRATEGIES.get("ewc").obj(cfg).setup(initial_model(), ctx)
+
+
+REPRO = {  # config -> the golden variant whose (tested) options it turns on
+    "smith2023_ewc_cifar100": "ewc_mc", "smith2023_l2_cifar100": "l2_mc", "smith2023_ewc_nokd_cifar100": "ewc_nologitkd",
+    "smith2023_lwf_mc_cifar100": "lwf_mc", "smith2023_ewc_cifar100_pretrained": "ewc_mc",
+    "smith2023_l2_cifar100_pretrained": "l2_mc", "smith2023_ewc_l2start_cifar100_pretrained": "ewc_mc_l2start",
+}
+
+
+@pytest.mark.parametrize("name", list(REPRO))
+def test_repro_configs_turn_on_the_checked_parity_options(name):
+    """configs/repro/smith2023_*.yaml load, build, and set exactly the options the golden checks
+    (the Fisher batch is the training batch, 256, as their Fisher pass reuses the train loader)."""
+    from pathlib import Path
+
+    from clbench.composite import build_strategy
+    from clbench.config import component_config, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "repro" / f"{name}.yaml", [])
+    build_strategy(component_config(cfg.strategy))
+    spec = PARITY[REPRO[name]]
+    assert cfg.strategy.name == "+".join(spec)
+    assert cfg.train.batch_size == 256 and cfg.train.lr == 0.01 and cfg.train.milestones == [100, 150, 200]
+    for component, options in spec.items():
+        section = cfg.strategy if len(spec) == 1 else cfg.strategy[component]
+        for key, value in options.items():
+            expected = cfg.train.batch_size if key == "fisher_batch_size" else value
+            assert section[key] == expected, (component, key)
