@@ -36,6 +36,11 @@ B x B x top_k terms), it does not average as an earlier version of this docstrin
 detached query only the keys get this gradient, so the scale barely changes training.  The CODA-code mode
 (``key_loss_gather: true, key_loss_reduction: sum``) equals the released ``L2P`` module (L2P++) to float
 precision (``tests/test_reference_prompts.py``, golden from ``tools/reference/coda_prompt.py``).
+
+``key_sharing``: ``shared`` (default; one key set selects the prompts for every prompted block, as in the
+paper and the JAX code) or ``per_layer`` (the CODA code's ``L2P`` with ``prompt_param[2] > 0``, "Deep
+L2P++": each of blocks 0-4 has its own keys ``e_k_<l>``, selects its own top-k prompts and adds its own key
+loss).  With ``layers: [0]`` (L2P++) the two are the same.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class L2PConfig(PromptConfig):
     key_loss_weight: float = bounded(1.0, ge=0)  # lambda of the pull constraint
     key_loss_gather: bool = False  # parity: CODA code's cos_sim[:, k_idx] (B x B x N) key loss
     key_loss_reduction: str = choice("mean", "mean", "sum")  # mean (paper Eq. 5 as a mean) | sum (CODA code)
+    key_sharing: str = choice("shared", "shared", "per_layer")  # shared (paper, JAX) | per_layer (CODA code's Deep L2P++: keys per block)
     batchwise_prompt: bool = False  # parity (JAX L2P): the batch's top_k most frequent prompts for every sample
     prompt_init_scale: float = bounded(1.0, gt=0)  # prompts and keys ~ U(0, scale) (JAX code: 0.01; CODA code: 1)
     zero_head: bool = False  # parity (JAX code): zero-initialised head
@@ -109,12 +115,23 @@ class L2P(PromptStrategy):
 
     def build_prompt(self, dim: int, n_tasks: int) -> nn.Module:
         return PromptPool(self.cfg.layers, self.cfg.pool_size, self.cfg.length, dim, key_dim=dim,
-                          init_scale=self.cfg.prompt_init_scale)
+                          init_scale=self.cfg.prompt_init_scale, key_per_layer=self.cfg.key_sharing == "per_layer")
+
+    def selections(self, q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per key set (one, or one per prompted block): cosines ``[B, M]`` and the selected ids ``[B, k]``."""
+        out = []
+        for keys in self.prompt.all_keys():
+            cos, idx = select_top_k(q, keys, self.cfg.top_k)
+            if self.cfg.batchwise_prompt:
+                idx = batchwise_top_k(idx, self.cfg.pool_size)
+            out.append((cos, idx))
+        return out
 
     def prompts_for(self, q, batch_size, task, train) -> tuple[LayerPrompts, torch.Tensor | None]:
-        cos, idx = select_top_k(q, self.prompt.all_keys()[0], self.cfg.top_k)
-        if self.cfg.batchwise_prompt:
-            idx = batchwise_top_k(idx, self.cfg.pool_size)
-        aux = self.cfg.key_loss_weight * key_loss(cos, idx, self.cfg.key_loss_gather,
-                                                  self.cfg.key_loss_reduction) if train else None
-        return self.prompt.select(idx), aux
+        sel = self.selections(q)
+        aux = self.cfg.key_loss_weight * sum(key_loss(cos, idx, self.cfg.key_loss_gather, self.cfg.key_loss_reduction)
+                                             for cos, idx in sel) if train else None
+        if len(sel) == 1:
+            return self.prompt.select(sel[0][1]), aux
+        p = self.prompt.all_prompts()  # per_layer: block j uses the prompts its own keys picked
+        return {layer: p[j][sel[j][1]] for j, layer in enumerate(self.prompt.layers)}, aux

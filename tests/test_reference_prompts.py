@@ -39,7 +39,7 @@ from clbench.models.pretrained import TimmBackbone
 from clbench.prompts import cosine_to_keys
 from clbench.strategies.coda_prompt import CodaPrompt, CodaPromptConfig
 from clbench.strategies.dualprompt import DualPrompt, DualPromptConfig
-from clbench.strategies.l2p import L2P, L2PConfig, select_top_k
+from clbench.strategies.l2p import L2P, L2PConfig
 from clbench.strategy import Batch
 from conftest import DATA_ROOT
 from reference_golden import load_golden
@@ -155,9 +155,10 @@ def _view(strategy, f) -> dict[str, torch.Tensor]:
             out[f"prompt.e_p_{layer}"] = f(pr.e.prompts[0])[j]
             out[f"prompt.e_k_{layer}"] = keys[j if keys.shape[0] > 1 else 0]
     else:
+        keys = f(pr.keys[0])
         for j, layer in enumerate(pr.layers):
             out[f"prompt.e_p_{layer}"] = f(pr.prompts[0])[j]
-        out[f"prompt.e_k_{pr.layers[0]}"] = f(pr.keys[0])[0]
+            out[f"prompt.e_k_{layer}"] = keys[j if keys.shape[0] > 1 else 0]
     head = strategy.model.head
     out["last.weight"], out["last.bias"] = f(head.weight), f(head.bias)
     return out
@@ -183,16 +184,19 @@ def load_official(strategy, gold, prefix: str) -> None:
             if j < keys.shape[0]:
                 keys[j].copy_(gold[f"{prefix}/prompt.e_k_{layer}"])
     else:
+        keys = pr.keys[0]
         for j, layer in enumerate(pr.layers):
             pr.prompts[0][j].copy_(gold[f"{prefix}/prompt.e_p_{layer}"])
-        pr.keys[0][0].copy_(gold[f"{prefix}/prompt.e_k_{pr.layers[0]}"])
+            if j < keys.shape[0]:
+                keys[j].copy_(gold[f"{prefix}/prompt.e_k_{layer}"])
     strategy.model.head.weight.copy_(gold[f"{prefix}/last.weight"])
     strategy.model.head.bias.copy_(gold[f"{prefix}/last.bias"])
 
 
 # --------------------------------------------------------------------------------- selections / weights
 def l2p_selection(strategy, x) -> torch.Tensor:
-    return select_top_k(strategy.query(x), strategy.prompt.all_keys()[0], strategy.cfg.top_k)[1][None]  # [1, B, k]
+    """[key sets, B, k]: the prompts selected (one key set, or one per block with key_sharing per_layer)."""
+    return torch.stack([idx for _, idx in strategy.selections(strategy.query(x))])
 
 
 def dualprompt_selection(strategy, x) -> torch.Tensor:
@@ -273,7 +277,8 @@ def run(strategy, ctx, exps, gold, tag: str, inputs, *, start_t1=None, check_key
 
 # --------------------------------------------------------------------------------------------- tests
 def test_goldens_name_their_source():
-    for name in ("coda_prompt_l2p", "coda_prompt_dualprompt", "coda_prompt_coda", "coda_prompt_schedule"):
+    for name in ("coda_prompt_l2p", "coda_prompt_l2p_deep", "coda_prompt_dualprompt", "coda_prompt_coda",
+                 "coda_prompt_schedule"):
         gold = load_golden(name)
         assert gold.repository == "GT-RIPL/CODA-Prompt" and gold.commit.startswith("6417d4f")
         assert gold.script == "tools/reference/coda_prompt.py" and gold.files
@@ -307,6 +312,35 @@ def test_l2p_paper_mode_same_prompts_and_logits_other_key_loss():
         assert ours < 1 and official > 10 * ours  # mean of B*k own terms vs the sum of B*B*k gathered terms
 
 
+def test_deep_l2p_per_layer_keys_parity_mode_equals_the_coda_code():
+    """Deep L2P++ (``prompt_param [.., .., 1]``: blocks 0-4, keys per block): ``key_sharing: per_layer``."""
+    gold = load_golden("coda_prompt_l2p_deep")
+    inputs = case_inputs(gold)
+    pool, length, _ = gold.extra["cases"]["l2p_deep"]["prompt_param"]
+    sel = gold["l2p_deep/t0s0/topk"]
+    assert any(not torch.equal(sel[0], sel[j]) for j in range(1, 5)), "the blocks' selections must differ"
+    cfg = L2PConfig(pool_size=pool, length=length, top_k=5, layers=[0, 1, 2, 3, 4], key_loss_gather=True,
+                    key_loss_reduction="sum", key_sharing="per_layer")
+    strategy, _, ctx, exps = build(L2P, cfg, gold)
+    run(strategy, ctx, exps, gold, "l2p_deep", inputs)
+
+
+def test_deep_l2p_shared_keys_differs_from_the_coda_code():
+    """Shared keys (block 0's official keys select for every block): the logits of the first step differ."""
+    gold = load_golden("coda_prompt_l2p_deep")
+    inputs = case_inputs(gold)
+    pool, length, _ = gold.extra["cases"]["l2p_deep"]["prompt_param"]
+    cfg = L2PConfig(pool_size=pool, length=length, top_k=5, layers=[0, 1, 2, 3, 4], key_loss_gather=True,
+                    key_loss_reduction="sum")
+    strategy, _, ctx, exps = build(L2P, cfg, gold)
+    begin_task(strategy, ctx, exps, 0, 4, 2)
+    load_official(strategy, gold, "l2p_deep/init")
+    x, y = inputs["x/t0s0"], inputs["y/t0s0"]
+    assert torch.equal(l2p_selection(strategy, x)[0], gold["l2p_deep/t0s0/topk"][0])
+    out = strategy.forward(x, Batch(x, y, torch.zeros_like(y)), SimpleNamespace(**vars(ctx)))
+    assert (out.logits - gold["l2p_deep/t0s0/logits"]).abs().max() > 1e-3
+
+
 def dual_cfg(gold, **kw) -> DualPromptConfig:
     pool, e_len, g_len = gold.extra["cases"]["dualprompt"]["prompt_param"]
     return DualPromptConfig(g_length=g_len, g_layers=[0, 1], e_length=e_len, e_layers=[2, 3, 4], e_pool_size=pool, **kw)
@@ -332,7 +366,7 @@ def test_dualprompt_shared_keys_paper_mode_differs_where_the_blocks_disagree():
     assert strategy.prompt.e.keys[0].shape[0] == 1
 
     def on_step(key, out, loss):  # the key loss: mean over the batch of block 2's term only
-        assert float(out.aux_loss) < float(gold[f"{key}/prompt_loss"]) / 4
+        assert float(out.aux_loss.detach()) < float(gold[f"{key}/prompt_loss"]) / 4
 
     run(strategy, ctx, exps, gold, "dualprompt", inputs, check_keys=False, check_eval=False, on_step=on_step)
     load_official(strategy, gold, "dualprompt/t1s1/after")  # shared keys: block 2's

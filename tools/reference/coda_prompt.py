@@ -25,7 +25,8 @@ of two classes (4 classes, head ``Linear(192, 4)``), two Adam steps (lr 1e-3) pe
 penalty case) on seeded random
 batches of 4 images, ``task_id`` set and ``process_task_count()`` called at task 1 as ``trainer.py`` does,
 a fresh optimiser per task (``reset_optimizer``), and after each task an inference pass on 6 images.
-Modules: ``L2P(192, 2, [10, 4, -1])``; ``DualPrompt(192, 2, [3, 4, 4])``; ``CodaPrompt(192, 2, [4, 2, 0.0])``
+Modules: ``L2P(192, 2, [10, 4, -1])`` (L2P++) and ``L2P(192, 2, [6, 2, 1])`` (Deep L2P++, blocks 0-4 with
+their own keys; one step per task); ``DualPrompt(192, 2, [3, 4, 4])``; ``CodaPrompt(192, 2, [4, 2, 0.0])``
 and ``CodaPrompt(192, 2, [4, 2, 0.5])`` (the orthogonality penalty on; same seed, so the same initial
 parameters and Gram-Schmidt draws as the first, which are stored once; one step per task).  The L2P/DualPrompt keys are
 re-drawn from N(0, 1) after construction (U(0, 1) keys are nearly parallel and every query would pick the
@@ -46,7 +47,7 @@ No extra packages (timm's deprecated ``timm.models.layers``/``helpers``/``regist
 
 Run: ``python tools/reference/coda_prompt.py [--source DIR]`` (DIR: a checkout of the commit; default: the
 needed folders extracted from the git mirror, see ``tools/reference/common.py``).  Writes
-``tests/reference/coda_prompt_{l2p,dualprompt,coda,schedule}.safetensors``; checked by
+``tests/reference/coda_prompt_{l2p,l2p_deep,dualprompt,coda,schedule}.safetensors``; checked by
 ``tests/test_reference_prompts.py``.
 """
 
@@ -73,11 +74,12 @@ SCRIPT = "tools/reference/coda_prompt.py"
 DIM, N_TASKS, CLASSES_PER_TASK, BATCH, EVAL_BATCH, STEPS, LR = 192, 2, 2, 4, 6, 2, 1e-3
 CASES = {  # tag: (zoo class, prompt_param, Adam steps per task)
     "l2p": ("L2P", [10, 4, -1], STEPS),
+    "l2p_deep": ("L2P", [6, 2, 1], 1),
     "dualprompt": ("DualPrompt", [3, 4, 4], STEPS),
     "coda": ("CodaPrompt", [4, 2, 0.0], STEPS),
     "coda_ortho": ("CodaPrompt", [4, 2, 0.5], 1),
 }
-GOLDEN_OF = {"l2p": "coda_prompt_l2p", "dualprompt": "coda_prompt_dualprompt", "coda": "coda_prompt_coda",
+GOLDEN_OF = {"l2p": "coda_prompt_l2p", "l2p_deep": "coda_prompt_l2p_deep", "dualprompt": "coda_prompt_dualprompt", "coda": "coda_prompt_coda",
              "coda_ortho": "coda_prompt_coda"}
 
 
