@@ -30,6 +30,15 @@ used).  ``bce_scale``: 1 is iCaRL's, 5 the released code's ``ce_loss_scale``.  `
 trains in eval mode (BatchNorm keeps its running statistics), as their ``update_model`` does.
 Composed with EWC or L2 (``strategy: [lwf, ewc]``) this is their "ewc-mc" / "mc-l2" runs
 (tests/test_reference_smith2023.py; configs/repro/smith2023_*.yaml).
+
+``feature_kd`` adds their feature distillation (``LWF_MC_FEATKD``, "FeatKD", ``--mu 5``):
+``feature_kd x MSE(f(x), f_teacher(x))`` on the penultimate features (mean over batch x dimensions).
+In the released code the teacher of task 1 is the initial model (``learn_batch`` copies the model
+before training when there is no teacher yet, and ``update_model`` always adds the term), so the
+features are pulled toward the initial (random or pretrained) ones from the start:
+``feature_kd_initial: true``.  Their "featkd" run (``--playground_flag --temp -3``) is
+``variant: kd, alpha: 0`` (CE, no logit distillation) with ``feature_kd: 5``; "lwf-mc-featkd" is
+``variant: mc`` with it.
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ class LwFConfig(StrategyConfig):
     variant: str = choice("kd", "kd", "mc")  # kd (Li & Hoiem: CE + alpha * KD) | mc (LwF.MC: sigmoid BCE, old classes' targets = sigmoid(teacher))
     bce_scale: float = bounded(1.0, gt=0)  # variant=mc: factor of the BCE (iCaRL: 1; Smith et al.'s code: 5)
     freeze_bn: bool = False  # train in eval mode (BatchNorm keeps its running statistics), as Smith et al.'s update_model
+    feature_kd: float = bounded(0.0, ge=0)  # weight of MSE(features, teacher's features) (Smith et al.'s FeatKD: 5); 0 = off
+    feature_kd_initial: bool = False  # feature_kd in the first experience too, toward the initial model (their LWF_MC_FEATKD)
 
 
 @register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (Li & Hoiem 2016), class-IL distillation")
@@ -69,6 +80,8 @@ class LwF(Strategy):
         if self.cfg.variant not in ("kd", "mc"):
             raise ClbenchError(f"strategy.variant must be 'kd' or 'mc', got '{self.cfg.variant}'")
         self.teacher: torch.nn.Module | None = None
+        if self.cfg.feature_kd > 0 and self.cfg.feature_kd_initial:  # the released code's teacher in task 1
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
         self._x: torch.Tensor | None = None
 
@@ -84,6 +97,15 @@ class LwF(Strategy):
         kd = F.kl_div(F.log_softmax(output[:, self.old_classes].float() / t, 1), F.softmax(target / t, 1),
                       reduction="batchmean")
         return kd * t * t if self.cfg.t_squared else kd
+
+    def penalty(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | float:
+        """``feature_kd`` x MSE (mean) between the model's and the teacher's features (``model.features``,
+        a second forward of the same inputs, as the released ``generate_scores_pen`` / ``forward(pen=True)``)."""
+        if self.cfg.feature_kd == 0 or self.teacher is None:
+            return 0.0
+        with torch.no_grad():
+            target = self.teacher.features(self._x).float()
+        return self.cfg.feature_kd * F.mse_loss(self.model.features(self._x).float(), target)
 
     def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
         if self.cfg.freeze_bn:

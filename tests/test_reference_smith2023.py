@@ -9,7 +9,7 @@ engine calls them (``model.train()`` at each experience, ``prepare_batch``, ``fo
 SGD step, ``after_experience``), and must give
 
 * parity mode (``freeze_bn``, ``fisher: batch`` + ``fisher_loss: bce_new``, LwF ``variant: mc``,
-  ``task_loss: bce_new``, L2 ``anchor_initial``): the golden's losses at all 12 steps, its parameters
+  ``feature_kd`` + ``feature_kd_initial``, ``task_loss: bce_new``, L2 ``anchor_initial``): the golden's losses at all 12 steps, its parameters
   after steps 1, 6, 7, 12, its Fisher and anchors after each task, to atol 1e-5 / rtol 1e-4;
 * paper mode (clbench's defaults): the same penalty as the released code for the same Fisher and
   anchor (the formulas agree), and measurably different Fisher and weights (the recipes do not).
@@ -47,6 +47,8 @@ PARITY = {
     "ewc_ce": {"ewc": PARITY_EWC},
     "ewc_lwf": {"lwf": {"freeze_bn": True}, "ewc": PARITY_EWC},
     "lwf_mc": {"lwf": PARITY_LWF_MC},
+    "featkd": {"lwf": {"variant": "kd", "alpha": 0.0, "feature_kd": 5.0, "feature_kd_initial": True, "freeze_bn": True}},
+    "lwf_mc_featkd": {"lwf": {**PARITY_LWF_MC, "feature_kd": 5.0, "feature_kd_initial": True}},
 }
 
 
@@ -56,6 +58,9 @@ class Net(nn.Module):
         d, h, c = E["in_dim"], E["hidden"], E["classes"]
         self.backbone = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU())
         self.head = nn.Linear(h, c)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -225,6 +230,8 @@ REPRO = {  # config -> the golden variant whose (tested) options it turns on
     "smith2023_ewc_cifar100": "ewc_mc", "smith2023_l2_cifar100": "l2_mc", "smith2023_ewc_nokd_cifar100": "ewc_nologitkd",
     "smith2023_lwf_mc_cifar100": "lwf_mc", "smith2023_ewc_cifar100_pretrained": "ewc_mc",
     "smith2023_l2_cifar100_pretrained": "l2_mc", "smith2023_ewc_l2start_cifar100_pretrained": "ewc_mc_l2start",
+    "smith2023_featkd_cifar100": "featkd", "smith2023_lwf_mc_featkd_cifar100": "lwf_mc_featkd",
+    "smith2023_lwf_mc_featkd_cifar100_pretrained": "lwf_mc_featkd",
 }
 
 

@@ -4,7 +4,7 @@ Learning", arXiv 2203.17269): runs the authors' learners on a tiny case and writ
 
 Official code: ``shaunak27/data-free-continual-learning`` at commit
 ``5388102071939440c21df4e32282724ca5c76cfa`` ("collas final"); files ``learners/kd.py`` (classes
-``EWC_MC``, ``EWC_MC_L1L2``, ``EWC_MC_L2START``, ``LWF_MC``, and their base ``LWF``),
+``EWC_MC``, ``EWC_MC_L1L2``, ``EWC_MC_L2START``, ``LWF_MC``, ``LWF_MC_FEATKD``, and their base ``LWF``),
 ``learners/default.py`` (``NormalNN``: optimiser, ``Teacher``, ``loss_fn_kd``), ``utils/metric.py``.
 The learner classes are imported from the checkout and driven exactly as ``trainer.py`` drives them
 (``add_valid_output_dim`` then ``learn_batch`` per task); nothing of them is copied here.
@@ -23,7 +23,10 @@ Variants (the learner and flags of the runs in ``experiments/cifar100-continual.
   classes' logits only + EWC;
 * ``ewc_ce``      ``EWC_MC --playground_flag --temp -3`` (``ewc``): CE over the seen classes + EWC;
 * ``ewc_lwf``     ``EWC_MC --playground_flag --temp -4`` (``ewc-lwf``): CE + KD(T=2) + EWC;
-* ``lwf_mc``      ``LWF_MC`` (``lwf-mc``): the LwF.MC loss alone.
+* ``lwf_mc``      ``LWF_MC`` (``lwf-mc``): the LwF.MC loss alone;
+* ``featkd``      ``LWF_MC_FEATKD --mu 5 --playground_flag --temp -3`` (``featkd``): CE + 5 x MSE between the
+  penultimate features and the teacher's -- in task 1 the teacher is the initial model;
+* ``lwf_mc_featkd`` ``LWF_MC_FEATKD --mu 5`` (``lwf-mc-featkd``): LwF.MC + the same feature distillation.
 
 Case: a tiny MLP with BatchNorm (``feat`` = Linear(8,12)-BN-ReLU-Linear(12,12)-BN-ReLU, ``last`` =
 Linear(12,6), non-trivial BN running statistics), 2 tasks of 3 classes (0-2, 3-5), 24 seeded Gaussian
@@ -78,6 +81,8 @@ VARIANTS = {
     "ewc_ce": ("EWC_MC", True, True, -3.0, 10.0, 0.0),
     "ewc_lwf": ("EWC_MC", True, True, -4.0, 10.0, 0.0),
     "lwf_mc": ("LWF_MC", True, False, 2.0, 1.0, 0.0),
+    "featkd": ("LWF_MC_FEATKD", True, True, -3.0, 5.0, 0.0),
+    "lwf_mc_featkd": ("LWF_MC_FEATKD", True, False, 2.0, 5.0, 0.0),
 }
 
 
@@ -211,7 +216,7 @@ def main() -> None:
         torch.Tensor.cuda, nn.Module.cuda, torch.cuda.set_device = cuda, module_cuda, set_device
     write_golden("smith2023", tensors, repository=REPOSITORY, commit=COMMIT, files=FILES,
                  script="tools/reference/smith2023.py",
-                 notes="EWC_MC / EWC_MC_L1L2 / EWC_MC_L2START / LWF_MC learners on a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches",
+                 notes="EWC_MC / EWC_MC_L1L2 / EWC_MC_L2START / LWF_MC / LWF_MC_FEATKD learners on a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches",
                  extra={"variants": {k: list(v) for k, v in VARIANTS.items()}, "in_dim": IN_DIM, "hidden": HIDDEN,
                         "classes": CLASSES, "per_task": PER_TASK, "batch": BATCH, "n_batches": N_BATCHES,
                         "epochs": EPOCHS, "tasks": TASKS, "lr": LR, "momentum": MOMENTUM, "weight_decay": WD,
