@@ -23,6 +23,13 @@ Parity flag ``gram_schmidt``: ``exact`` (default) orthonormalises the new compon
 ``(v.u_j / u_j.u_j) u_j`` onto each old component separately -- exact only if the old ones are
 still mutually orthogonal, which training breaks, so its new components are not quite
 orthogonal to the old span.
+
+Parity with the released code (``GT-RIPL/CODA-Prompt`` @ 6417d4f): ``tests/test_reference_prompts.py`` runs
+the official ``CodaPrompt`` module and ``Prompt.update_model`` (golden from ``tools/reference/coda_prompt.py``)
+and finds the composition weights, logits, losses (with and without ``ortho_mu``), gradients and Adam updates
+equal to float precision, and ``gram_schmidt: released`` equal to ``process_task_count`` given the same draws.
+The released recipe: ``configs/repro/coda_prompt_imagenet_r.yaml`` (``train.scheduler: coda_cosine``, the
+code's ``CosineSchedule``).
 """
 
 from __future__ import annotations
