@@ -433,6 +433,22 @@ def test_coda_prompt_task_increment_gram_schmidt():
             assert (rel @ q).abs().max() > 1e-5  # the released components are not orthogonal to the old span
 
 
+@pytest.mark.parametrize("mode", ["released", "exact"])
+def test_coda_prompt_task0_orthogonal_init(mode):
+    """Task 0's components (the official ``__init__``'s Gram-Schmidt of its draws, no old components): both
+    modes give the official ones (they differ only in how old components are projected out)."""
+    gold = load_golden("coda_prompt_coda")
+    draws = {k: gold[f"coda/t0/gs_draws/{k}"] for k in "pka"}
+    strategy, _, ctx, exps = build(CodaPrompt, coda_cfg(gold, gram_schmidt=mode), gold)
+    strategy.orthogonalise(0, 0, draws=draws)
+    ours = official_view(strategy)
+    for layer in range(5):
+        for kind in "pka":
+            name = f"prompt.e_{kind}_{layer}"
+            m = gold[f"coda/init/{name}"].shape[0] // 2
+            close(ours[name][:m], gold[f"coda/init/{name}"][:m], "gs", f"{mode} {name}")
+
+
 def test_coda_cosine_schedule_equals_the_coda_code():
     """``train.scheduler: coda_cosine`` stepped per iteration gives ``CosineSchedule``'s lr in every epoch."""
     from clbench.config import SCHEDULERS

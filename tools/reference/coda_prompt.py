@@ -33,7 +33,8 @@ re-drawn from N(0, 1) after construction (U(0, 1) keys are nearly parallel and e
 same prompts; the stored initial parameters are these).
 
 Stored per method (prefix ``<tag>/``): the module's and head's initial parameters; for task 1 of CODA-P the
-parameters after ``process_task_count`` and the Gaussian draws its Gram-Schmidt made; per step the logits
+parameters after ``process_task_count`` and the Gaussian draws its Gram-Schmidt made (and those of the
+construction-time Gram-Schmidt of task 0's components); per step the logits
 (before masking), the prompt loss, the total loss, the selected prompt indices (L2P/DualPrompt: every
 ``torch.topk`` the module called; CODA-P: the composition weights ``aq_k`` per block), the gradients of every
 prompt/key/attention parameter and of the head after the backward, the parameters after the Adam step;
@@ -162,7 +163,7 @@ def run_case(tag: str, zoo, vit_mod, learners_prompt, learners_default, inputs, 
     rec = Recorder()
     with rec:
         module = getattr(zoo, cls_name)(DIM, N_TASKS, prompt_param, key_dim=DIM)
-    rec.take()  # construction-time Gram-Schmidt draws (task 0): the parameters are stored anyway
+    init_draws = rec.take()["draws"]  # CodaPrompt.__init__: per block P, K, A of task 0, pool/n_tasks vectors each
     if cls_name in ("L2P", "DualPrompt"):
         # tensor_prompt's U(0, 1) keys are nearly parallel, so every query picks the same prompts; N(0, 1) keys
         # (stored as the initial parameters like everything else) make the selection differ by sample and block
@@ -185,6 +186,12 @@ def run_case(tag: str, zoo, vit_mod, learners_prompt, learners_default, inputs, 
     if not light:
         for n, p in params().items():
             out[f"{tag}/init/{n}"] = p.detach().clone()
+        if init_draws:
+            pt, n_layers = module.e_pool_size // N_TASKS, len(module.e_layers)
+            assert len(init_draws) == 3 * pt * n_layers, "a Gram-Schmidt restart drew extra vectors"
+            for j, kind in enumerate("pka"):
+                out[f"{tag}/t0/gs_draws/{kind}"] = torch.stack(
+                    [torch.stack(init_draws[(3 * layer + j) * pt:(3 * layer + j + 1) * pt]) for layer in range(n_layers)])
 
     for t in range(N_TASKS):
         model.task_id = t  # trainer.py: self.learner.model.task_id = i
