@@ -1,24 +1,28 @@
 """L2P++, DualPrompt and CODA-Prompt against the CODA-Prompt code (``GT-RIPL/CODA-Prompt`` @ 6417d4f).
 
-The goldens ``tests/reference/coda_prompt_{l2p,dualprompt,coda,schedule}.safetensors`` were written by
+The goldens ``tests/reference/coda_prompt_{l2p,l2p_deep,dualprompt,coda,schedule}.safetensors`` were written by
 ``tools/reference/coda_prompt.py``, which runs the official ``models/zoo.py`` prompt modules inside the
 official ``models/vit.py`` ViT (the shared ViT-Tiny/8 weights, 64 px) and ``ViTZoo.forward``, trains them
-with the official ``learners/prompt.py`` ``Prompt.update_model`` (Adam, 2 steps per task, 2 tasks), and
+with the official ``learners/prompt.py`` ``Prompt.update_model`` (Adam, 1-2 steps per task, 2 tasks), and
 records ``utils/schedulers.py``'s ``CosineSchedule``.  Here clbench's own strategies rebuild each case
 from the stored initial parameters (copied into clbench's parameter layout) and the same seeded batches:
 
-* parity modes (``l2p``: ``key_loss_gather, key_loss_reduction: sum``; ``dualprompt``: ``key_sharing:
-  per_layer, key_loss_reduction: sum``; ``coda_prompt``: the defaults, ``gram_schmidt: released`` for the
-  task-1 re-initialisation): the selected prompt indices (exact), the CODA composition weights, the
-  logits, the prompt/key loss, the total loss, the gradient of every prompt, key, attention vector and
-  the head after each backward, the Adam-updated parameters after each task and the inference logits;
+* parity modes (``l2p``: ``key_loss_gather, key_loss_reduction: sum``, plus ``key_sharing: per_layer`` for
+  Deep L2P++; ``dualprompt``: ``key_sharing: per_layer, key_loss_reduction: sum``; ``coda_prompt``: the
+  defaults, ``gram_schmidt: released`` for the task-1 re-initialisation): the selected prompt indices
+  (exact), the CODA composition weights, the logits, the prompt/key loss, the total loss, the gradient of
+  every prompt, key, attention vector and the head after each backward, the Adam-updated parameters after
+  each step, and the inference logits and selections after each task;
 * paper modes (clbench's defaults ``key_loss_reduction: mean``, L2P's own-selection key loss,
-  DualPrompt's ``key_sharing: shared``): the same prompts, logits and prompt gradients where the modes
-  agree, a different key loss, and (DualPrompt) different inference selections where the CODA code's
-  per-block keys disagree;
-* CODA-P's task-1 Gram-Schmidt with the official draws: ``released`` = the official components, ``exact``
-  orthonormal to the old span, off the released ones by the old components' loss of orthogonality;
-* the ``train.scheduler: coda_cosine`` lr per epoch = ``CosineSchedule`` as ``learn_batch`` steps it.
+  ``key_sharing: shared``): the same prompts, logits and prompt gradients where the modes agree, a
+  different key loss, and different selections/logits where the CODA code's per-block keys disagree
+  (DualPrompt at inference, Deep L2P++);
+* CODA-P's Gram-Schmidt with the official draws: task 0 (construction) both modes = the official
+  components; task 1 ``released`` = the official components, ``exact`` orthonormal to the old span, off the
+  released ones by the old components' loss of orthogonality;
+* the ``train.scheduler: coda_cosine`` lr per epoch = ``CosineSchedule`` as ``learn_batch`` steps it (epochs
+  0 and 1 both at the base lr: the class's ``__init__`` leaves ``last_epoch`` at -1);
+* the repro configs that follow the CODA code turn these modes on.
 
 Tolerances: float32 through 12 blocks (clbench's SDPA vs the official explicit softmax) and
 float64 vs float32 Gram-Schmidt; stated per comparison below (``TOL``).
