@@ -22,13 +22,12 @@ The case.  Backbone: the official ``VisionTransformer`` built as ViT-Tiny/8 at 6
 and downloads it, so its instance is assembled around that backbone (``ViTZoo.__new__`` + the attributes
 its ``__init__`` sets: ``feat``, ``prompt``, ``last``, ``task_id``) and its own ``forward`` runs.  Two tasks
 of two classes (4 classes, head ``Linear(192, 4)``), two Adam steps (lr 1e-3) per task (one for the
-penalty case) on seeded random
-batches of 4 images, ``task_id`` set and ``process_task_count()`` called at task 1 as ``trainer.py`` does,
+penalty case and Deep L2P++) on seeded random batches of 4 images, ``task_id`` set and ``process_task_count()`` called at task 1 as ``trainer.py`` does,
 a fresh optimiser per task (``reset_optimizer``), and after each task an inference pass on 6 images.
 Modules: ``L2P(192, 2, [10, 4, -1])`` (L2P++) and ``L2P(192, 2, [6, 2, 1])`` (Deep L2P++, blocks 0-4 with
 their own keys; one step per task); ``DualPrompt(192, 2, [3, 4, 4])``; ``CodaPrompt(192, 2, [4, 2, 0.0])``
 and ``CodaPrompt(192, 2, [4, 2, 0.5])`` (the orthogonality penalty on; same seed, so the same initial
-parameters and Gram-Schmidt draws as the first, which are stored once; one step per task).  The L2P/DualPrompt keys are
+parameters and Gram-Schmidt draws as the first, which are stored once).  The L2P/DualPrompt keys are
 re-drawn from N(0, 1) after construction (U(0, 1) keys are nearly parallel and every query would pick the
 same prompts; the stored initial parameters are these).
 
@@ -42,12 +41,14 @@ and the inference logits and selections after each task.  The schedule golden: t
 for K = 2, 5, 20, 50 epochs (K = 1 divides by zero in the official code).
 
 Patched from the outside, nothing else: ``torch.Tensor.cuda`` returns a CPU copy (``vit.py`` and
-``ortho_penalty`` call ``.cuda()``; a copy keeps vit.py's ``prompt_loss`` a non-leaf as on a GPU); ``torch.topk``/``torch.einsum``/``torch.randn_like`` are wrapped to
-*record* what the official modules compute (indices, composition weights, Gram-Schmidt draws).
+``ortho_penalty`` call ``.cuda()``; a copy keeps vit.py's ``prompt_loss`` a non-leaf as on a GPU);
+``torch.topk``/``torch.einsum``/``torch.randn_like`` are wrapped to *record* what the official modules
+compute (indices, composition weights, Gram-Schmidt draws).
 No extra packages (timm's deprecated ``timm.models.layers``/``helpers``/``registry`` shims import).
 
-Run: ``python tools/reference/coda_prompt.py [--source DIR]`` (DIR: a checkout of the commit; default: the
-needed folders extracted from the git mirror, see ``tools/reference/common.py``).  Writes
+Run: ``python tools/reference/coda_prompt.py [--source DIR]`` (DIR: a checkout of the commit; default:
+``models/ learners/ utils/ configs/`` extracted from the git mirror -- the local mirror lacks the blob of
+``dataloaders/splits/domainnet_test.yaml``, which nothing here uses; see ``tools/reference/common.py``).  Writes
 ``tests/reference/coda_prompt_{l2p,l2p_deep,dualprompt,coda,schedule}.safetensors``; checked by
 ``tests/test_reference_prompts.py``.
 """
