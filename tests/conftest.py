@@ -19,6 +19,20 @@ SHARED_DATA = DATA_ROOT  # older name
 MNIST_DIR = DATA_ROOT / "mnist"
 
 
+def pytest_configure(config) -> None:
+    """Refuse to test another checkout's code: with an editable install of a different clone (or a
+    scratch copy of this one), ``clbench.strategies``/``clbench.scenarios`` would silently come from
+    there (the editable finder maps them to that clone's top-level folders)."""
+    import importlib
+
+    for name in ("clbench", "clbench.strategies", "clbench.scenarios"):
+        origin = Path(importlib.import_module(name).__file__).resolve()
+        if REPO_ROOT.resolve() not in origin.parents:
+            raise pytest.UsageError(f"{name} is imported from {origin.parent}, not from this checkout {REPO_ROOT}: "
+                                    f"run `pip install -e .` here (or symlink clbench/strategies -> ../strategies "
+                                    f"and clbench/scenarios -> ../scenarios in a scratch copy)")
+
+
 @pytest.fixture
 def data_root() -> Path:
     """The real-data root (``$CLBENCH_DATA_ROOT`` if set, else ``<repo>/../shared/data``)."""
