@@ -101,9 +101,33 @@ def write_golden(name: str, tensors: Mapping[str, torch.Tensor], *, repository: 
     meta = {"repository": repository, "commit": commit, "files": json.dumps(files), "script": script,
             "torch": torch.__version__, "notes": notes, "extra": json.dumps(dict(extra or {}))}
     out = GOLDEN_DIR / f"{name}.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out), metadata=meta)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if _same_golden(out, tensors, meta):  # safetensors' header order varies: keep the bytes in git unchanged
+        print(f"unchanged {out.relative_to(REPO_ROOT)} (same tensors and metadata, bit for bit)")
+        return out
+    save_file(tensors, str(out), metadata=meta)
     size = out.stat().st_size
     if size > 2 * 1024 * 1024:
         raise SystemExit(f"{out}: {size} bytes; keep goldens under 2 MiB (fewer batches / smaller model)")
     print(f"wrote {out.relative_to(REPO_ROOT)} ({size} bytes, {len(tensors)} tensors)")
     return out
+
+
+def _same_golden(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bool:
+    """Whether ``path`` already holds exactly these tensors (dtype, shape, bits) and metadata."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}) != dict(meta) or set(handle.keys()) != set(tensors):
+                return False
+            for key, value in tensors.items():
+                old = handle.get_tensor(key)
+                if old.dtype != value.dtype or old.shape != value.shape or not torch.equal(
+                        old.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)):
+                    return False
+    except Exception:  # unreadable: rewrite it
+        return False
+    return True
