@@ -137,7 +137,7 @@ def run_one(base: str, norm: str, buffer: int, seed: int, args, point=None) -> d
     import torch
 
     from clbench.config import load_config
-    from clbench.engine import CHECKPOINT, Engine
+    from clbench.engine import open_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,14 +145,16 @@ def run_one(base: str, norm: str, buffer: int, seed: int, args, point=None) -> d
     name = run_name(base, norm, buffer, seed, point)
     run_dir = out / "runs" / name
     start = time.time()
-    if (run_dir / CHECKPOINT).is_file():
-        engine = Engine(load_config(run_dir / "config.yaml"), resume_dir=run_dir)
-    else:
+    engine = open_run(resume=run_dir) if (run_dir / "config.yaml").is_file() else None  # interrupted: resume it
+    if isinstance(engine, dict):  # finished, but its record was never written: the task-IL pass needs the model
+        print(f"{run_dir}: finished without a result record; running it again", flush=True)
+        engine = None
+    if engine is None:
         if run_dir.exists():
-            shutil.rmtree(run_dir)  # started but never checkpointed
+            shutil.rmtree(run_dir)
         cfg = load_config(args.config, [f"output_dir={out / 'runs'}", f"name={name}",
                                         *overrides_for(base, norm, buffer, seed, args, point)])
-        engine = Engine(cfg)
+        engine = open_run(cfg)
     summary = engine.run()
     task_il = task_il_accuracies(engine)
     final_row = summary["matrix"][-1]

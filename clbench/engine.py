@@ -131,8 +131,17 @@ def run(cfg: DictConfig | None = None, resume: str | Path | None = None,
     Resuming a finished run returns its summary untouched; a run without checkpoint restarts
     from the beginning in its directory; a ``config.yaml`` changed since the checkpoint raises
     :class:`ConfigChangedError` unless ``force_config_change``."""
+    engine = open_run(cfg, resume, force_config_change)
+    return engine if isinstance(engine, dict) else engine.run()
+
+
+def open_run(cfg: DictConfig | None = None, resume: str | Path | None = None,
+             force_config_change: bool = False) -> "Engine | dict[str, Any]":
+    """What :func:`run` runs: the :class:`Engine` of a new run (``cfg``) or of the resumed run
+    directory ``resume`` (holding its lock; call ``.run()``), or the summary of an already
+    finished one.  For scripts that read the engine after the run (e.g. extra evaluations)."""
     if resume is None:
-        return Engine(cfg if cfg is not None else load_config()).run()
+        return Engine(cfg if cfg is not None else load_config())
     run_dir = Path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise ClbenchError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
@@ -157,11 +166,10 @@ def run(cfg: DictConfig | None = None, resume: str | Path | None = None,
                     "restore those values, or pass --force-config-change to continue with the new ones")
             if changes:
                 notice(f"resuming {run_dir} with a changed config: " + ", ".join(changes))
-        engine = Engine(cfg, resume_dir=run_dir, checkpoint=checkpoint, lock=lock, config_changes=changes)
+        return Engine(cfg, resume_dir=run_dir, checkpoint=checkpoint, lock=lock, config_changes=changes)
     except BaseException:
         lock.release()
         raise
-    return engine.run()
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:

@@ -469,3 +469,21 @@ def test_repro_configs_follow_the_released_recipe():
                 assert s.replay_start == "second_task"
             else:
                 assert (s.alpha, s.beta) == (0.2, 0.5)
+
+
+def test_benchmark_resumes_an_interrupted_run(tmp_path):
+    """A run stopped after a checkpoint (summary not yet written) is resumed by the next invocation,
+    not refused because its directory exists; a finished run without a record is run again."""
+    from types import SimpleNamespace
+
+    bench = _benchmark()
+    args = SimpleNamespace(quick=True, parity=False, set=["logging.progress=false"], threads=None,
+                           output_dir=str(tmp_path), config=str(bench.CONFIG))
+    first = bench.run_one("er_ace", "bn", 50, 0, args)
+    run_dir = tmp_path / "runs" / first["run"]
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    again = bench.run_one("er_ace", "bn", 50, 0, args)
+    assert again["iterations"] == first["iterations"]
+    assert again["class_il"] == pytest.approx(first["class_il"])
+    third = bench.run_one("er_ace", "bn", 50, 0, args)  # finished: runs it again from scratch, same numbers
+    assert third["class_il"] == pytest.approx(first["class_il"])
