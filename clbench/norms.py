@@ -68,7 +68,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from clbench.validation import bounded, choice
+from clbench.registry import ClbenchError
+from clbench.validation import bounded, choice, require
 
 VARIANTS = ("paper", "released")
 NORMS = ("bn", "adab2n")
@@ -262,6 +263,11 @@ class NormOptions:
     # incoming first (mammoth er_ace.py / derpp.py, the paper's BN rows); separate needs norm=bn
     replay_forward: str = choice("joint", "joint", "separate")
 
+    def validate(self) -> None:
+        require(not (self.replay_forward == "separate" and self.norm == "adab2n"),
+                "strategy.replay_forward=separate is the BN baseline of the released code; use strategy.norm=bn, "
+                "or replay_forward=joint with norm=adab2n (AdaB2N weighs tasks within one joint batch)")
+
 
 class NormControl:
     """What a strategy needs to run with either norm: the swap, the task context of the
@@ -280,7 +286,8 @@ class NormControl:
             n = swap_batchnorm(model, num_tasks, kappa=self.cfg.kappa, task_weight_init=self.cfg.task_weight_init,
                                variant=self.cfg.adab2n_variant)
             if n == 0:
-                raise ValueError("norm=adab2n but the model has no BatchNorm2d layer to replace")
+                raise ClbenchError("strategy.norm=adab2n but the model has no BatchNorm2d layer to replace "
+                               "(use a convolutional model with BN, e.g. model=resnet18)")
 
     def forward(self, model: nn.Module, x: torch.Tensor, task: torch.Tensor, current_task: int) -> torch.Tensor:
         if not self.enabled:

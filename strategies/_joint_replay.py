@@ -12,6 +12,7 @@ import torch
 
 from clbench.buffers import ReservoirBuffer
 from clbench.norms import NormControl
+from clbench.registry import ClbenchError
 from clbench.strategy import Batch, Context, Strategy
 
 
@@ -44,7 +45,7 @@ class JointReplayStrategy(Strategy):
     def setup(self, model, ctx: Context) -> None:
         super().setup(model, ctx)
         if self.cfg.replay_forward == "separate" and self.cfg.norm != "bn":
-            raise ValueError("replay_forward=separate is the BN baseline of the released code; use norm=bn "
+            raise ClbenchError("replay_forward=separate is the BN baseline of the released code; use norm=bn "
                              "(AdaB2N weighs tasks within one joint batch)")
         self.norm = NormControl(self.cfg)
         self.norm.setup(model, ctx.stream.n_tasks)

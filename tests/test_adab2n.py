@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+from clbench.registry import ClbenchError
 from torch import nn
 
 from clbench.config import component_config, load_config
@@ -376,7 +378,7 @@ def test_separate_forwards_run_each_part_alone_and_need_bn(name):
     strategy.model.eval()  # with batch-independent BN the separate and the joint forward agree
     x = ctx.inputs(full.x)
     torch.testing.assert_close(strategy.forward(x, full, ctx), strategy.model(x))
-    with pytest.raises(ValueError, match="separate"):
+    with pytest.raises(ClbenchError, match="separate"):
         _strategy(name, _ctx(), "strategy.replay_forward=separate", "strategy.norm=adab2n")
 
 
