@@ -65,6 +65,11 @@ class TrainConfig:
     online: bool = False  # online protocol: one pass in stream order, exposed-class masking (epochs/iterations ignored)
     online_iter: int = bounded(1, ge=1)  # online: gradient steps per incoming batch (Si-Blurry: 3)
 
+    def validate(self) -> None:
+        milestones = list(self.milestones)
+        require(self.scheduler != "multistep" or (milestones and milestones == sorted(set(milestones))),
+                f"train.scheduler=multistep needs train.milestones, strictly increasing epochs (e.g. [30, 60]); got {milestones}")
+
 
 @dataclass
 class EvalConfig:
