@@ -17,6 +17,9 @@ of 4 images get ``online_iter=3`` Adam steps (lr 5e-3) each, as in the official 
   mass in the key loss), flag by flag with the released query: the same selection and logits
   as the golden at step 0 (the modes agree there), a different key loss / loss (they must
   differ: the state has prompts of unequal usage selected within one batch).
+* Usage-scaled selection: the golden's run never needs the scaling (the nearest key wins at every
+  step's counts), so clbench's selection is also checked on the golden's keys and released queries
+  with counts that flip choices, against ``models/mvp.py``'s ``distance * (count + 1)`` (transcribed).
 """
 
 from __future__ import annotations
@@ -153,6 +156,30 @@ def test_parity_mode_equals_the_official_update_at_every_step():
                 torch.testing.assert_close(mine.detach(), theirs, **PARAM)
     for mine, theirs in official_to_clbench(s, {k: GOLDEN[f"final/{k}"] for k in X["params"]}):
         torch.testing.assert_close(mine.detach(), theirs, **PARAM)
+
+
+def test_usage_scaled_selection_equals_the_released_scaled_distance():
+    """In the golden's run the usage scaling never changes a selection (each query's nearest key wins at
+    every step's counts), so the step test above cannot tell ``(1 - cos) * (count + 1)`` from the plain
+    nearest key.  Here: the golden's keys, the released query of each batch (the one the step test
+    checks), and usage counts that do flip selections, against ``models/mvp.py``'s ``forward_features``
+    expression (``scaled_distance = distance * mass``, ``mass = count + 1``), transcribed."""
+    import torch.nn.functional as F
+
+    s, ctx, opt = build(parity_cfg())
+    key = GOLDEN["init/key"]
+    flipped = 0
+    for b in range(len(X["labels"])):
+        q = s.query(images(b))
+        distance = 1 - F.cosine_similarity(q.unsqueeze(1), key, dim=-1)
+        for count in (GOLDEN["init/count"], torch.tensor([0.0, 5.0, 0.0]), torch.tensor([0.0, 0.0, 9.0]),
+                      torch.tensor([40.0, 0.0, 0.0])):
+            theirs = (distance * (count + 1)).topk(1, dim=1, largest=False)[1].squeeze(1)
+            with torch.no_grad():
+                s.prompt.count.copy_(count)
+            assert s.select(q).tolist() == theirs.tolist(), (b, count)
+            flipped += int((theirs != distance.argmin(1)).sum())
+    assert flipped > 0  # the counts above make the scaling load-bearing
 
 
 def test_paper_mode_agrees_where_the_modes_agree_and_differs_in_the_losses():
