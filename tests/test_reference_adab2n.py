@@ -10,6 +10,8 @@ draws injected in the same order.
 
 Parity modes (= golden): ``adab2n_variant=released``; ER-ACE ``unseen_logits=true``; BN baselines
 ``replay_forward=separate``.  Paper/default modes are checked to differ where they must.
+ER-ACE's released unseen-logits mask at its edges (largest seen class absent from the incoming
+batch; class C-1 seen, absent and present) has goldens of its own (``adab2n_er_ace_mask_*``).
 """
 
 from __future__ import annotations
@@ -242,43 +244,24 @@ def test_other_modes_differ_from_the_released_code(case):
     _assert_differs(heads[-1][0], g[f"step{g.extra['steps'] - 1}/head.weight"], 1e-5)
 
 
-def _released_incoming_ce(logits, labels, seen_so_far, num_classes):
-    """The incoming-batch CE of the released ``models/er_ace.py`` ``ErACE.observe`` (lvyilin/AdaB2N @ 9aaba7e,
-    ``self.task > 0``), transcribed: the goldens above never reach its two edge cases (every incoming batch
-    holds the largest seen class, and class C-1 is never seen)."""
-    present = labels.unique()
-    seen_so_far = torch.cat([seen_so_far, present]).unique()
-    mask = torch.zeros_like(logits)
-    mask[:, present] = 1
-    if seen_so_far.max() < (num_classes - 1):
-        mask[:, seen_so_far.max():] = 1
-    logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
-    return torch.nn.functional.cross_entropy(logits, labels)
+MASK_EDGES = {  # ER-ACE's released "unmask unseen classes" mask at its edges (see tools/reference/adab2n.py)
+    # the largest seen class (5) absent from the incoming batch at steps 0 and 2: kept by ``ids >= max``
+    "adab2n_er_ace_mask_max_absent": CASES["adab2n_er_ace_bn"],
+    # class C-1 seen at every step (absent at step 1): no unmasking at all (``max < C - 1`` is false)
+    "adab2n_er_ace_mask_last_class": CASES["adab2n_er_ace_bn"],
+}
 
 
-@pytest.mark.parametrize("seen_before, labels", [
-    (6, [4, 4, 4]),  # the largest seen class (5) is not in the batch: it stays unmasked (ids >= max, not >)
-    (10, [8, 8, 6]),  # class C-1 seen: no unmasking at all (seen.max() < C - 1 is false)
-    (10, [8, 9, 9]),
-    (4, [5, 4, 5]),  # as in the goldens
-], ids=["max_absent", "last_class_seen_absent", "last_class_present", "golden_like"])
-def test_er_ace_unseen_logits_mask_edge_cases_equal_the_released_expression(seen_before, labels):
-    from clbench.registry import STRATEGIES
-
-    cfg = load_config(None, ["scenario.n_tasks=5", "model=resnet18", "model.nf=2", "strategy=er_ace",
-                             "strategy.norm=bn", "strategy.unseen_logits=true"])
-    stream = build_stream(component_config(cfg.scenario), seed=0)
-    ctx = Context(stream=stream, device=torch.device("cpu"), seed=0, preprocess=lambda x, train=False: x)
-    ctx.experience, ctx.class_mask = 2, stream.class_mask(2)
-    strategy = STRATEGIES.get("er_ace").obj(component_config(cfg.strategy))
-    strategy.setup(build_model(component_config(cfg.model), (3, 8, 8), 10), ctx)
-    strategy.seen[:seen_before] = True
-    y = torch.tensor(labels)
-    logits = torch.randn(len(y), 10, generator=torch.Generator().manual_seed(seen_before + sum(labels)))
-    strategy._n_incoming = strategy._n_total = len(y)  # incoming rows only (no buffer draw)
-    ours = strategy.loss(logits, Batch(logits, y, y // 2), ctx)
-    theirs = _released_incoming_ce(logits, y, torch.arange(seen_before), 10)
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("golden", sorted(MASK_EDGES))
+def test_er_ace_unseen_logits_mask_edge_cases_match_the_released_code(golden):
+    """Parity mode (``unseen_logits=true``, separate BN forwards) against the official ``ErACE.observe``
+    steps in stream states the other goldens never reach; losses per step, head per step, final state."""
+    name, overrides = MASK_EDGES[golden]
+    g, losses, heads, state, strategy = _run(golden, name, *overrides)
+    assert g.repository == "lvyilin/AdaB2N" and g.commit.startswith("9aaba7e")
+    assert g.extra["model"] == "er_ace" and g.extra["nl"] == "BN"
+    assert strategy.draws_used == g.extra["draws_used"]
+    _assert_matches(g, losses, heads, state)
 
 
 # --------------------------------------------------------------------------- ER-ACE's cosine head

@@ -28,6 +28,14 @@ Goldens written (``tests/reference/``), checked by ``tests/test_reference_adab2n
 * ``adab2n_er_ace_ada_task0``: ``ErACEAda`` in task 0 (no replay, no mask, no AdaB2N term in the
   released code; step 0's batch holds class 1 only; incoming batches of 8: without replay, 4
   samples leave BN's 1x1 last stage so ill-conditioned that float rounding grows ~30x a step).
+* ``adab2n_er_ace_mask_max_absent``, ``adab2n_er_ace_mask_last_class``: ``ErACE`` (BN) as
+  ``adab2n_er_ace_bn`` (same stored quantities), in stream states that reach the two edges of its
+  "unmask unseen classes" mask (``mask[:, seen_so_far.max():] = 1`` if ``seen_so_far.max() <
+  num_classes - 1``), which the cases above never reach.  ``max_absent``: task 2, classes 0..5 seen
+  before, incoming labels [4 4 4 4], [5 4 4 5], [4 4 4 4] (the largest seen class 5 absent at steps 0
+  and 2, so only the mask's ``>=`` keeps it).  ``last_class``: task 4, classes 0..8 seen before,
+  incoming [9 8 9 9], [8 8 8 8], [8 9 8 8] (class C-1 = 9 seen at every step: no unmasking; absent
+  at step 1).  The script asserts from the official ``seen_so_far`` that the steps reach the edges.
 * ``aml_cosine_head``: AML's ``distLinear`` on seeded features: scores and input/weight gradients.
 
 Patched from outside (the exercised code is unchanged): ``models.utils.continual_model.evaluate``
@@ -70,6 +78,13 @@ KAPPA, LAMBD, ADA_T0, ALPHA, BETA = 0.4, 1.0, 0, 0.2, 0.5
 INCOMING = [[4, 5, 5, 4], [5, 4, 4, 4], [4, 4, 5, 5]]  # labels of task 2
 DRAWS = [[0, 1, 4, 0], [2, 0, 3, 5], [1, 3, 3, 4]]  # step 1 lacks task 1
 DRAWS2 = [[5, 1, 0, 4], [3, 2, 1, 0], [0, 5, 2, 3]]  # DER++'s second draw
+# ER-ACE mask edges.  max_absent: task 2 with classes 0..5 seen before (class 5 earlier in the task);
+# steps 0 and 2 lack class 5, the largest seen class, which the released mask keeps (``seen.max():``)
+MAX_ABSENT_SEEN, MAX_ABSENT_INCOMING = 6, [[4, 4, 4, 4], [5, 4, 4, 5], [4, 4, 4, 4]]
+# last_class: task 4 with classes 0..8 seen before; step 0 brings class 9 = C-1 (then seen at every step):
+# no unmasking at all (``seen.max() < C - 1`` is false); step 1 lacks class 9 (masked), steps 0, 2 hold it
+LAST_CLASS_SEEN, LAST_CLASS_INCOMING = 9, [[9, 8, 9, 9], [8, 8, 8, 8], [8, 9, 8, 8]]
+LAST_CLASS_DRAWS = [[0, 3, 7, 8], [2, 6, 1, 5], [4, 8, 0, 7]]
 
 
 @contextlib.contextmanager
@@ -154,9 +169,13 @@ def case_data(derpp: bool, incoming: list[list[int]], draws: list[list[int]]) ->
     return data
 
 
-def step_case(name: str, model_name: str, nl: str, task: int = TASK, incoming=INCOMING, draws=DRAWS) -> None:
+def step_case(name: str, model_name: str, nl: str, task: int = TASK, incoming=INCOMING, draws=DRAWS,
+              seen_before: int | None = None, notes: str = "") -> list[int]:
     """``task`` 0 (ER-ACE): the official code neither replays nor masks nor adds AdaB2N's term; the
-    draws are stored anyway (the test's default mode, which replays, uses them)."""
+    draws are stored anyway (the test's default mode, which replays, uses them).  ``seen_before``:
+    the classes ``0..seen_before-1`` are in ``seen_so_far`` before the first step (default: those of
+    the earlier tasks).  Returns the official ``seen_so_far.max()`` after each step (ER-ACE)."""
+    seen_before = CPT * task if seen_before is None else seen_before
     import models.utils.continual_model as cm
     from backbone.ResNet18 import resnet18
     from models import derpp, derpp_ada, er_ace, er_ace_ada
@@ -181,7 +200,7 @@ def step_case(name: str, model_name: str, nl: str, task: int = TASK, incoming=IN
             for _ in range(task):
                 m.end_task()
     if hasattr(model, "seen_so_far"):
-        model.seen_so_far = torch.arange(CPT * task)  # classes of the earlier tasks seen before
+        model.seen_so_far = torch.arange(seen_before)  # classes seen before (default: of the earlier tasks)
     derpp_like = model_name.startswith("derpp")
     data = case_data(derpp_like, incoming, draws)
     out = dict(data)
@@ -201,10 +220,12 @@ def step_case(name: str, model_name: str, nl: str, task: int = TASK, incoming=IN
 
     model.buffer.get_data = get_data
     model.buffer.is_empty = lambda: False
-    losses = []
+    losses, seen_max = [], []
     for s in range(STEPS):
         x, y = data[f"data/step{s}/x"], data[f"data/step{s}/y"]
         losses.append(model.observe(x, y, x))
+        if hasattr(model, "seen_so_far"):
+            seen_max.append(int(model.seen_so_far.max()))
         out[f"step{s}/head.weight"] = model.net.linear.weight.detach().clone()
         out[f"step{s}/head.bias"] = model.net.linear.bias.detach().clone()
     assert len(used) == (len(injected) if task > 0 else 0), used
@@ -214,11 +235,12 @@ def step_case(name: str, model_name: str, nl: str, task: int = TASK, incoming=IN
              "derpp": ["models/derpp.py"], "derpp_ada": ["models/derpp_ada.py", "models/utils/adab2n.py"]}[model_name]
     write_golden(name, out, repository=REPOSITORY, commit=COMMIT,
                  files=files + ["models/utils/continual_model.py", "backbone/ResNet18.py"], script=SCRIPT,
-                 notes=f"{model_name} (nl={nl}): 3 observe steps in task {task} with injected buffer draws",
+                 notes=f"{model_name} (nl={nl}): 3 observe steps in task {task} with injected buffer draws" + notes,
                  extra={"model": model_name, "nl": nl, "n_tasks": N_TASKS, "classes_per_task": CPT, "task": task,
                         "draws_used": len(used),
                         "nf": NF, "size": SIZE, "steps": STEPS, "lr": LR, "kappa": KAPPA, "lambda": LAMBD,
-                        "ada_t0": ADA_T0, "alpha": ALPHA, "beta": BETA, "seen_before": CPT * task})
+                        "ada_t0": ADA_T0, "alpha": ALPHA, "beta": BETA, "seen_before": seen_before})
+    return seen_max
 
 
 def cosine_case(aml: Path) -> None:
@@ -255,6 +277,15 @@ def main() -> None:
         step_case("adab2n_er_ace_ada_task0", "er_ace_ada", "AdaB2N", task=0,
                   incoming=[[1] * 8, [0, 1, 1, 1, 0, 1, 1, 1], [1, 0, 0, 0, 1, 0, 1, 1]],
                   draws=[[1, 1, 0, 1], [0, 1, 1, 0], [1, 1, 0, 1]])
+        # ER-ACE's unseen-logits mask at its edges (the cases above never reach them)
+        top = step_case("adab2n_er_ace_mask_max_absent", "er_ace", "BN", seen_before=MAX_ABSENT_SEEN,
+                        incoming=MAX_ABSENT_INCOMING, notes="; the largest seen class (5) absent from steps 0 and 2")
+        # the official state reaches the edge: the largest seen class < C-1 and absent from the batch
+        assert [t < N_CLASSES - 1 and t not in y for t, y in zip(top, MAX_ABSENT_INCOMING)] == [True, False, True], top
+        top = step_case("adab2n_er_ace_mask_last_class", "er_ace", "BN", task=N_TASKS - 1, seen_before=LAST_CLASS_SEEN,
+                        incoming=LAST_CLASS_INCOMING, draws=LAST_CLASS_DRAWS,
+                        notes="; class C-1 seen at every step (present at steps 0 and 2, absent at step 1)")
+        assert top == [N_CLASSES - 1] * STEPS, top  # class C-1 seen at every step
         step_case("adab2n_derpp_bn", "derpp", "BN")
         step_case("adab2n_derpp_ada", "derpp_ada", "AdaB2N")
     cosine_case(official_source(AML, AML_COMMIT, args.aml_source))
