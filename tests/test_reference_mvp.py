@@ -18,8 +18,9 @@ of 4 images get ``online_iter=3`` Adam steps (lr 5e-3) each, as in the official 
   as the golden at step 0 (the modes agree there), a different key loss / loss (they must
   differ: the state has prompts of unequal usage selected within one batch).
 * Usage-scaled selection: the golden's run never needs the scaling (the nearest key wins at every
-  step's counts), so clbench's selection is also checked on the golden's keys and released queries
-  with counts that flip choices, against ``models/mvp.py``'s ``distance * (count + 1)`` (transcribed).
+  step's counts), so clbench's selection and key loss are also checked against a second golden,
+  ``mvp_usage_selection`` (same script): the official ``forward_features`` on the initial keys with
+  usage counts that flip choices against the plain nearest key (exact indices; key loss as FWD).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from conftest import DATA_ROOT
 from clbench.engine import make_optimizer
 from clbench.models.pretrained import TimmConfig, timm_model
-from clbench.strategies.mvp import MVP, MVPConfig, afs_factor, gradient_similarity_ignore
+from clbench.strategies.mvp import MVP, MVPConfig, afs_factor, gradient_similarity_ignore, usage_scaled_selection
 from clbench.strategy import Batch, Context
 from reference_golden import load_golden
 
@@ -158,28 +159,29 @@ def test_parity_mode_equals_the_official_update_at_every_step():
         torch.testing.assert_close(mine.detach(), theirs, **PARAM)
 
 
-def test_usage_scaled_selection_equals_the_released_scaled_distance():
-    """In the golden's run the usage scaling never changes a selection (each query's nearest key wins at
-    every step's counts), so the step test above cannot tell ``(1 - cos) * (count + 1)`` from the plain
-    nearest key.  Here: the golden's keys, the released query of each batch (the one the step test
-    checks), and usage counts that do flip selections, against ``models/mvp.py``'s ``forward_features``
-    expression (``scaled_distance = distance * mass``, ``mass = count + 1``), transcribed."""
-    import torch.nn.functional as F
-
+def test_usage_scaled_selection_equals_the_official_selection():
+    """In the golden's training run the usage scaling never changes a selection, so the step test above
+    cannot tell ``(1 - cos) * (count + 1)`` from the plain nearest key.  Golden ``mvp_usage_selection``:
+    the official ``forward_features`` on the same initial keys and both batches with usage counts that
+    do flip selections (and with ``use_contrastiv`` off: plain nearest key).  clbench's selection (and
+    its contrastive key loss with those counts) must equal the official ones."""
+    sel = load_golden("mvp_usage_selection")
+    assert sel.repository == GOLDEN.repository and sel.commit == GOLDEN.commit
+    assert torch.equal(sel["init/key"], GOLDEN["init/key"])  # the same state as the training golden
     s, ctx, opt = build(parity_cfg())
-    key = GOLDEN["init/key"]
     flipped = 0
-    for b in range(len(X["labels"])):
+    for b in range(sel.extra["batches"]):
         q = s.query(images(b))
-        distance = 1 - F.cosine_similarity(q.unsqueeze(1), key, dim=-1)
-        for count in (GOLDEN["init/count"], torch.tensor([0.0, 5.0, 0.0]), torch.tensor([0.0, 0.0, 9.0]),
-                      torch.tensor([40.0, 0.0, 0.0])):
-            theirs = (distance * (count + 1)).topk(1, dim=1, largest=False)[1].squeeze(1)
+        plain = sel[f"plain/{b}"]
+        assert usage_scaled_selection(q, s.prompt.e.all_keys()[0], None).tolist() == plain.tolist(), b
+        for c, count in enumerate(sel["counts"]):
             with torch.no_grad():
                 s.prompt.count.copy_(count)
-            assert s.select(q).tolist() == theirs.tolist(), (b, count)
-            flipped += int((theirs != distance.argmin(1)).sum())
-    assert flipped > 0  # the counts above make the scaling load-bearing
+            idx = s.select(q)
+            assert idx.tolist() == sel[f"idx/{b}/{c}"].tolist(), (b, count.tolist())
+            torch.testing.assert_close(s.key_loss(q, idx), sel[f"key_loss/{b}/{c}"], **FWD)
+            flipped += int((sel[f"idx/{b}/{c}"] != plain).sum())
+    assert flipped > 0  # the official selections differ from the plain nearest key: the scaling is load-bearing
 
 
 def test_paper_mode_agrees_where_the_modes_agree_and_differs_in_the_losses():

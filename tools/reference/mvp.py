@@ -34,6 +34,14 @@ E-prompt of each sample (read off the prompts handed to ``prompt_func``), the ke
 (``similarity_loss``), the training logits, ``ign`` / ``cps`` (from ``_get_score``), the loss, the
 usage counts; the gradients of step 0 and the parameters after step 0 and after the last step.
 
+Second golden ``mvp_usage_selection`` (the training run above never needs the usage scaling to pick
+its prompts): after the run, the initial parameters are restored and the official
+``forward_features`` runs in eval mode (counts not updated) on both batches with the usage counts
+``SELECTION_COUNTS`` set in ``model.count``, and once with ``use_contrastiv`` off (the code's
+``mass = 1.``: the plain nearest key).  Stored: the counts, per batch and count vector the selected
+E-prompts and ``similarity_loss``, the plain selections; the script asserts every count vector
+flips some selection against the plain one.
+
 Patched from outside (CPU, no packages beyond clbench's): ``randaugment`` and
 ``torch_optimizer`` are stub modules (imported, unused on this path); the trainer object is made
 with ``__new__`` and given the attributes ``_Trainer.__init__`` / ``setup_distributed_model`` /
@@ -65,6 +73,9 @@ N_CLASSES, POOL, G_LEN, E_LEN, G_LAYERS, E_LAYERS = 10, 3, 2, 2, (0, 1), (2, 3, 
 LABELS = [[0, 1, 2, 3], [2, 4, 5, 4]]
 ONLINE_ITER, LR = 3, 5e-3
 INIT_COUNT = [6.0, 2.0, 0.0]
+# usage counts for the selection golden: each flips the official selection of some query against the
+# plain nearest key (asserted), several of them by margins of >= 8 % of the scaled distance
+SELECTION_COUNTS = [INIT_COUNT, [0.0, 2.0, 12.0], [4.0, 11.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 9.0]]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PARAMS = ["key", "mask", "g_prompts", "e_prompts", "backbone.head.weight", "backbone.head.bias"]
 
@@ -199,6 +210,7 @@ def main() -> None:
                 step += 1
         for k in PARAMS:
             out[f"final/{k}"] = params[k].detach().clone()
+        selection = usage_selection_case(model, params, out, images, rec)
     write_golden("mvp", out, repository=REPOSITORY, commit=COMMIT, files=FILES, script="tools/reference/mvp.py",
                  notes="Official MVP model + trainer update (Adam 5e-3, online_iter 3) on the shared ViT-Tiny/8",
                  extra={"n_classes": N_CLASSES, "pool": POOL, "g_length": G_LEN, "e_length": E_LEN,
@@ -206,6 +218,42 @@ def main() -> None:
                         "online_iter": ONLINE_ITER, "lr": LR, "alpha": 0.5, "gamma": 2.0, "margin": 0.5,
                         "mean": list(MEAN), "std": list(STD), "params": PARAMS,
                         "weights": "shared/data/weights/vit-tiny-tinyimagenet100/vit_tiny_p8_64_tin100.safetensors"})
+    write_golden("mvp_usage_selection", selection, repository=REPOSITORY, commit=COMMIT, files=["models/mvp.py"],
+                 script="tools/reference/mvp.py",
+                 notes="Official MVP forward_features (eval): E-prompt selection with usage counts that flip choices, "
+                       "and with use_contrastiv off (mass 1, plain nearest key), on the mvp golden's initial state",
+                 extra={"counts": SELECTION_COUNTS, "batches": len(LABELS), "golden": "mvp"})
+
+
+def usage_selection_case(model, params, out, images, rec) -> dict[str, torch.Tensor]:
+    """The official ``forward_features`` (eval mode: no count update) on the initial parameters of the
+    training case, both batches, for each usage count vector of ``SELECTION_COUNTS``; selections read
+    off the prompts handed to ``prompt_func`` (``rec["idx"]``), the key loss ``similarity_loss``; and,
+    with ``use_contrastiv`` off (the code's ``mass = 1.``), the plain nearest-key selections."""
+    with torch.no_grad():
+        for k in PARAMS:
+            params[k].copy_(out[f"init/{k}"])
+    model.eval()
+    sel: dict[str, torch.Tensor] = {"init/key": out["init/key"], "counts": torch.tensor(SELECTION_COUNTS)}
+    flips = []
+    with torch.no_grad():
+        for b in range(len(LABELS)):
+            x = normalise(images[b])
+            model.use_contrastiv = False
+            model.forward_features(x)
+            model.use_contrastiv = True
+            plain = sel[f"plain/{b}"] = rec["idx"].clone()
+            for c, count in enumerate(SELECTION_COUNTS):
+                model.count.copy_(torch.tensor(count))
+                model.forward_features(x)
+                assert model.count.tolist() == count  # eval: the counts stay
+                sel[f"idx/{b}/{c}"] = rec["idx"].clone()
+                sel[f"key_loss/{b}/{c}"] = model.similarity_loss.detach().clone()
+                flips.append(int((rec["idx"] != plain).sum()))
+                print(f"batch {b} counts {count}: idx {rec['idx'].tolist()} (plain {plain.tolist()})")
+    per_count = [sum(flips[c::len(SELECTION_COUNTS)]) for c in range(len(SELECTION_COUNTS))]
+    assert all(n > 0 for n in per_count), per_count  # every count vector flips some official selection
+    return sel
 
 
 if __name__ == "__main__":
