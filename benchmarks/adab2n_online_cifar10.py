@@ -32,8 +32,8 @@ it by tests/test_reference_adab2n.py): AdaB2N ``adab2n_variant=released``; ER-AC
 (``unseen_logits=true``) and mammoth's first task (``replay_start=second_task``); the BN baseline
 with SEPARATE forwards of the incoming batch and each buffer draw (``replay_forward=separate``, as
 mammoth's ``er_ace.py``/``derpp.py``, which the paper's BN rows ran), while AdaB2N keeps the joint
-forward of ``er_ace_ada.py``/``derpp_ada.py``; class order unshuffled (the released seed 0; its
-other seeds permute the classes with numpy's ``default_rng(42 + seed)``, not reproduced here).
+forward of ``er_ace_ada.py``/``derpp_ada.py``; each seed's class order as the released code draws it
+(seed 0 unshuffled, others ``default_rng(42 + seed)``: :func:`released_class_order`).
 The BN-AdaB2N gap then mixes the normalisation with the batching, as the paper's tables do.
 
 ``--grid``: the AdaB2N runs sweep the released ``run.py`` grid, kappa in {0.1, 0.4, 0.7, 1.0} x
@@ -71,6 +71,20 @@ def grid_points(norm: str, grid: bool) -> list[tuple[float, float, int] | None]:
     return [(k, lam, t0) for k in KAPPA_GRID for lam in LAMBDA_GRID for t0 in ADA_T0_GRID]
 
 
+def released_class_order(seed: int, n_classes: int = 10) -> list[int]:
+    """The class order of the released code's seed ``seed``: ``ContinualDataset.get_task_order``
+    relabels original class ``c`` as ``order[c]`` with ``order = default_rng(42 + seed).permutation(n)``
+    (identity for seed 0), so clbench's ``scenario.class_order`` (original labels in the order they
+    are learned) is ``argsort(order)``.  Checked against the official function by
+    ``tests/test_reference_adab2n.py::test_parity_class_order_is_the_released_task_order``."""
+    import numpy as np
+
+    if seed == 0:
+        return list(range(n_classes))
+    order = np.random.default_rng(42 + seed).permutation(n_classes)
+    return [int(c) for c in np.argsort(order)]
+
+
 def parity_overrides(base: str, norm: str) -> list[str]:
     """The released code's recipe for one run (see --parity)."""
     out = ["scenario.shuffle_classes=false"]
@@ -99,6 +113,7 @@ def overrides_for(base: str, norm: str, buffer: int, seed: int, args, point=None
         out += [f"strategy.alpha={alpha}", f"strategy.beta={beta}"]
     if getattr(args, "parity", False):
         out += parity_overrides(base, norm)
+        out += [f"scenario.class_order=[{','.join(map(str, released_class_order(seed)))}]"]
     if point is not None:
         out += [f"strategy.kappa={point[0]}", f"strategy.lambda_={point[1]}", f"strategy.ada_t0={point[2]}"]
     if args.quick:

@@ -17,6 +17,7 @@ batch; class C-1 seen, absent and present) has goldens of its own (``adab2n_er_a
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,26 @@ def test_cosine_head_matches_aml_distlinear():
     torch.testing.assert_close(scores.detach(), g["scores"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(feats.grad, g["grad_features"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head.weight.grad, g["grad_weight"], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the released seeds' class orders
+def test_parity_class_order_is_the_released_task_order():
+    """``--parity`` runs seed s on the class order the official ``get_task_order`` gives seed s: the
+    class clbench learns at position j is the original class the released code relabels as j."""
+    import importlib.util
+
+    g = load_golden("adab2n_task_order")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adab2n_online_cifar10.py"
+    spec = importlib.util.spec_from_file_location("adab2n_benchmark_order", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(parity=True, quick=False, set=[])
+    for seed in g.extra["seeds"]:
+        order = g[f"order_s{seed}"]  # official: original class c -> label order[c]
+        cfg = load_config(bench.CONFIG, bench.overrides_for("er_ace", "bn", 500, seed, args))
+        ours = list(component_config(cfg.scenario).class_order)
+        assert sorted(ours) == list(range(10))
+        assert [int(order[c]) for c in ours] == list(range(10)), (seed, ours, order.tolist())
+    assert not torch.equal(g["order_s1"], g["order_s0"])  # the seeds really permute

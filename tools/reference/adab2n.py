@@ -37,6 +37,9 @@ Goldens written (``tests/reference/``), checked by ``tests/test_reference_adab2n
   incoming [9 8 9 9], [8 8 8 8], [8 9 8 8] (class C-1 = 9 seen at every step: no unmasking; absent
   at step 1).  The script asserts from the official ``seen_so_far`` that the steps reach the edges.
 * ``aml_cosine_head``: AML's ``distLinear`` on seeded features: scores and input/weight gradients.
+* ``adab2n_task_order``: the official ``datasets/utils/continual_dataset.py::ContinualDataset.get_task_order``
+  for seeds 0..4 (10 classes; seq-cifar10 maps every target ``c`` to ``order[c]``): the class order of
+  each released seed, which ``benchmarks/adab2n_online_cifar10.py --parity`` follows.
 
 Patched from outside (the exercised code is unchanged): ``models.utils.continual_model.evaluate``
 for ``nl="BN"`` returns the identity (at this commit ``evaluate`` returns ``nn.BatchNorm2d``, and
@@ -261,6 +264,21 @@ def cosine_case(aml: Path) -> None:
                      extra={"scale": head.scale_factor})
 
 
+def task_order_case() -> None:
+    """The released class-to-label map of each seed (called unbound on a stand-in ``self``)."""
+    from datasets.utils.continual_dataset import ContinualDataset
+
+    seeds = list(range(5))
+    out = {}
+    for seed in seeds:
+        stand_in = Namespace(args=Namespace(seed=seed, no_task_shuffle=False), N_TASKS=N_TASKS,
+                             N_CLASSES_PER_TASK=CPT)
+        out[f"order_s{seed}"] = torch.as_tensor(ContinualDataset.get_task_order(stand_in), dtype=torch.int64)
+    write_golden("adab2n_task_order", out, repository=REPOSITORY, commit=COMMIT,
+                 files=["datasets/utils/continual_dataset.py", "datasets/seq_cifar10.py"], script=SCRIPT,
+                 notes="get_task_order per seed; targets are remapped as order[target]", extra={"seeds": seeds})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=None, help=f"a checkout of {REPOSITORY} at {COMMIT[:7]}")
@@ -272,6 +290,7 @@ def main() -> None:
         import datasets  # noqa: F401  (lists datasets/ relative to the cwd)
 
         layer_case()
+        task_order_case()
         step_case("adab2n_er_ace_bn", "er_ace", "BN")
         step_case("adab2n_er_ace_ada", "er_ace_ada", "AdaB2N")
         step_case("adab2n_er_ace_ada_task0", "er_ace_ada", "AdaB2N", task=0,
