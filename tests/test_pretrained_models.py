@@ -115,3 +115,25 @@ def test_any_size_models_are_not_resized():
     kwargs = {**TINY_KWARGS, "img_size": 16, "dynamic_img_size": True}
     assert timm_model(TimmConfig(arch="vit_tiny_patch16_224", pretrained=False, kwargs=kwargs), (1, 8, 8), 3).input_size is None
     assert timm_model(_tiny_cfg(), (1, 8, 8), 3).input_size is None  # built for the data's 8 px
+
+
+def test_timm_input_crop_centre_crops_evaluation_inputs_and_needs_a_size():
+    """``model.input_crop`` on a timm model: the engine's evaluation preprocessing resizes to
+    input_size / input_crop and keeps the centre (SLCA's Resize(256) + CenterCrop(224)); a model
+    without a fixed input size must be given one."""
+    from clbench import transforms as T
+    from clbench.config import component_config, load_config
+    from clbench.models import build_model
+    from clbench.registry import ClbenchError
+
+    cfg = load_config(None, ["model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=false",
+                             "model.input_crop=0.875"])
+    model = build_model(component_config(cfg.model), (3, 32, 32), 10)
+    assert model.input_size == (224, 224) and model.input_crop == 0.875
+    pre = T.Preprocess((0.5,) * 3, (0.25,) * 3, "none", size=model.input_size, crop=model.input_crop)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    norm = (x.float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(pre(x), T.resize_center_crop(norm, (224, 224), 0.875), rtol=0, atol=1e-5)
+    cnn = load_config(None, ["model=timm", "model.arch=resnet18", "model.pretrained=false", "model.input_crop=0.9"])
+    with pytest.raises(ClbenchError, match="model.input_size"):
+        build_model(component_config(cnn.model), (3, 32, 32), 10)

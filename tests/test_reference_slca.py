@@ -267,6 +267,8 @@ def test_repro_configs_follow_the_released_recipe(config, recipe):
     assert cfg.strategy.backbone_lr_scale == pytest.approx(X["bcb_lrscale"])  # the default 1/100
     assert cfg.strategy.ca_epochs == r["ca_epochs"] and cfg.strategy.logit_norm == r["ca_with_logit_norm"]
     assert cfg.strategy.ca_samples_per_class == 256  # num_sampled_pcls in _stage2_compact_classifier
+    # utils/data.py iImageNetR / iCIFAR100_224: RandomResizedCrop(224) + flip; Resize(256) + CenterCrop(224)
+    assert cfg.train.augment == "resized_crop_flip" and cfg.model.input_crop == pytest.approx(224 / 256)
     n = len(cfg.scenario.class_order)
     assert r["init_cls"] == r["increment"] and n // r["increment"] == cfg.scenario.n_tasks
     assert cfg.seed in r["seed"] and r["shuffle"]  # PyCIL DataManager: np.random.seed(seed); permutation(n)

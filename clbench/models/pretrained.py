@@ -57,6 +57,9 @@ class TimmConfig:
     # resize the inputs to [H, W] before the model (bilinear), e.g. [224, 224] for an ImageNet CNN on 32-px CIFAR as
     # torchvision's weights.transforms() do; null: only where a ViT's position embeddings fix the size
     input_size: Optional[List[int]] = bounded(None, ge=1)
+    # evaluation/features: resize to input_size / input_crop and keep the central input_size (torchvision's
+    # Resize(256) + CenterCrop(224) = 0.875, as SLCA's test transform; weights.transforms() of ResNet-50 V2: 224/232)
+    input_crop: float = bounded(1.0, gt=0, le=1)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -149,6 +152,9 @@ def timm_model(cfg: TimmConfig, input_shape: tuple[int, int, int], num_classes: 
     if cfg.input_size is not None and len(cfg.input_size) != 2:
         raise ClbenchError(f"model.input_size needs [H, W], got {cfg.input_size}")
     model.input_size = tuple(cfg.input_size) if cfg.input_size else fixed_input_size(backbone.model, input_shape)
+    if cfg.input_crop < 1 and model.input_size is None:
+        raise ClbenchError(f"model.input_crop={cfg.input_crop} needs a model input size: set model.input_size: [H, W]")
+    model.input_crop = cfg.input_crop  # read by the engine's preprocessing (evaluation and feature extraction only)
     return model
 
 
