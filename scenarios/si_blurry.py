@@ -133,6 +133,23 @@ def class_counts(n_classes: int, n_tasks: int, disjoint_percent: float) -> tuple
     return n_d, n_b
 
 
+def class_owners(y: torch.Tensor, n_d: int, n_b: int, n_tasks: int, variant: str,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task owning each class (-1: dropped) and which classes are disjoint: positions
+    0..n_d-1 are the disjoint classes, n_d..n_d+n_b-1 the blurry ones; ``stochastic`` cuts both
+    ranges at random points (disjoint first, then blurry: the draws' order), ``fixed`` evenly."""
+    n_classes = max(int(y.max()) + 1 if y.numel() else 0, n_d + n_b)
+    class_task = torch.full((n_classes,), -1, dtype=torch.int64)
+    if variant == "stochastic":
+        d_bounds, b_bounds = _random_cuts(n_d, n_tasks, g), _random_cuts(n_b, n_tasks, g)
+    else:
+        d_bounds = torch.arange(n_tasks + 1) * (n_d // n_tasks)
+        b_bounds = torch.arange(n_tasks + 1) * (n_b // n_tasks)
+    class_task[:n_d] = _owner(torch.arange(n_d), d_bounds)
+    class_task[n_d:n_d + n_b] = _owner(torch.arange(n_b), b_bounds)
+    return class_task, torch.arange(n_classes) < n_d
+
+
 def _random_cuts(n: int, n_tasks: int, g: torch.Generator) -> torch.Tensor:
     """Bounds ``[0, c_1, ..., c_{T-1}, n]`` with T-1 sorted uniform cut points in ``[0, n)``."""
     if n <= 0:
@@ -159,18 +176,8 @@ def assign_blurry(y: torch.Tensor, n_disjoint: int, n_blurry_classes: int, n_tas
         raise ClbenchError(f"scenario.variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
     if not 0 <= blurry_percent <= 100:
         raise ClbenchError(f"scenario.blurry_percent must be in [0, 100], got {blurry_percent}")
-    n_d, n_b = n_disjoint, n_blurry_classes
-    n_classes = max(int(y.max()) + 1 if y.numel() else 0, n_d + n_b)
     # Step 3: owning task of each class (positions 0..n_d-1 disjoint, n_d..n_d+n_b-1 blurry).
-    class_task = torch.full((n_classes,), -1, dtype=torch.int64)
-    if variant == "stochastic":
-        d_bounds, b_bounds = _random_cuts(n_d, n_tasks, g), _random_cuts(n_b, n_tasks, g)
-    else:
-        d_bounds = torch.arange(n_tasks + 1) * (n_d // n_tasks)
-        b_bounds = torch.arange(n_tasks + 1) * (n_b // n_tasks)
-    class_task[:n_d] = _owner(torch.arange(n_d), d_bounds)
-    class_task[n_d:n_d + n_b] = _owner(torch.arange(n_b), b_bounds)
-    disjoint = torch.arange(n_classes) < n_d
+    class_task, disjoint = class_owners(y, n_disjoint, n_blurry_classes, n_tasks, variant, g)
     # Step 4: every sample of a kept class goes to its class's task.
     sample_task = class_task[y]
     kept = (sample_task >= 0).nonzero().flatten()
@@ -250,17 +257,7 @@ def assign_blurry_official(y: torch.Tensor, n_disjoint: int, n_blurry_classes: i
     (the code's clipped pool): the stream depends on the order of the training set's files."""
     if variant not in VARIANTS:
         raise ClbenchError(f"scenario.variant must be one of {', '.join(VARIANTS)}, got '{variant}'")
-    n_d, n_b = n_disjoint, n_blurry_classes
-    n_classes = max(int(y.max()) + 1 if y.numel() else 0, n_d + n_b)
-    class_task = torch.full((n_classes,), -1, dtype=torch.int64)
-    if variant == "stochastic":
-        d_bounds, b_bounds = _random_cuts(n_d, n_tasks, g), _random_cuts(n_b, n_tasks, g)
-    else:
-        d_bounds = torch.arange(n_tasks + 1) * (n_d // n_tasks)
-        b_bounds = torch.arange(n_tasks + 1) * (n_b // n_tasks)
-    class_task[:n_d] = _owner(torch.arange(n_d), d_bounds)
-    class_task[n_d:n_d + n_b] = _owner(torch.arange(n_b), b_bounds)
-    disjoint = torch.arange(n_classes) < n_d
+    class_task, disjoint = class_owners(y, n_disjoint, n_blurry_classes, n_tasks, variant, g)
     sample_task = class_task[y]
     is_blurry = ~disjoint[y] & (sample_task >= 0)
     own = [torch.nonzero((sample_task == t) & ~is_blurry).flatten() for t in range(n_tasks)]  # dataset order
