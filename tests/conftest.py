@@ -75,3 +75,21 @@ def small_mnist(per_class_train: int, per_class_test: int):
 
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                                  reason=f"real MNIST not found in {MNIST_DIR}")
+
+
+def lr_per_iteration(scheduler: str, n_iter: int, per_epoch: int, lr: float = 0.1, **train) -> list[float]:
+    """The learning rate of each of ``n_iter`` iterations under ``train.scheduler=scheduler`` (the
+    engine's schedule, stepped after every optimizer step); ``train``: other TrainConfig fields."""
+    from types import SimpleNamespace
+
+    from clbench.engine import make_scheduler
+
+    cfg = SimpleNamespace(**{"warmup_iters": 0, "milestones": [], "gamma": 0.1, **train}, scheduler=scheduler, lr=lr)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler(opt, cfg, n_iter, per_epoch)
+    out = []
+    for _ in range(n_iter):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out

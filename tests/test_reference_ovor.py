@@ -277,19 +277,12 @@ def test_ovor_schedule_and_vor_phase_follow_the_released_epochs():
     """OVOR's ``--epochs 0 40 10``: ``train.scheduler: coda_cosine`` over the 50 epochs gives the lr of every
     epoch as the released ``NormalNN.train`` steps ``CosineSchedule(K=50)`` (the VOR epochs continue the
     cosine), and ``vor_fraction: 0.2`` starts the VOR phase at epoch 40."""
-    from clbench.engine import make_scheduler
     from clbench.prompts import PromptStrategy
+    from conftest import lr_per_iteration
 
     gold = load_golden("ovor_vor_step")["schedule/epochs_0_40_10"]
     per_epoch, n_epochs, base = 3, 50, 1e-3
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    cfg = SimpleNamespace(scheduler="coda_cosine", warmup_iters=0, milestones=[], gamma=0.1, lr=base)
-    sched = make_scheduler(opt, cfg, n_epochs * per_epoch, per_epoch)
-    lrs = []
-    for _ in range(n_epochs * per_epoch):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = lr_per_iteration("coda_cosine", n_epochs * per_epoch, per_epoch, lr=base)
     per_iter = torch.tensor(lrs, dtype=torch.float64).reshape(n_epochs, per_epoch)
     assert torch.equal(per_iter, per_iter[:, :1].expand(-1, per_epoch))  # constant within an epoch
     torch.testing.assert_close(per_iter[:, 0], gold, atol=0, rtol=1e-12)

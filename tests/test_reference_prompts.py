@@ -456,21 +456,13 @@ def test_coda_prompt_task0_orthogonal_init(mode):
 def test_coda_cosine_schedule_equals_the_coda_code():
     """``train.scheduler: coda_cosine`` stepped per iteration gives ``CosineSchedule``'s lr in every epoch."""
     from clbench.config import SCHEDULERS
-    from clbench.engine import make_scheduler
+    from conftest import lr_per_iteration
 
-    if "coda_cosine" not in SCHEDULERS:
-        pytest.skip("train.scheduler coda_cosine not in clbench.config yet")
+    assert "coda_cosine" in SCHEDULERS
     gold = load_golden("coda_prompt_schedule")
     base, per_epoch = gold.extra["base_lr"], 3
     for K in gold.extra["Ks"]:
-        opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=base)
-        cfg = SimpleNamespace(scheduler="coda_cosine", warmup_iters=0, milestones=[], gamma=0.1, lr=base)
-        sched = make_scheduler(opt, cfg, K * per_epoch, per_epoch)
-        lrs = []
-        for step in range(K * per_epoch):
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
+        lrs = lr_per_iteration("coda_cosine", K * per_epoch, per_epoch, lr=base)
         per_iter = torch.tensor(lrs, dtype=torch.float64).reshape(K, per_epoch)
         assert torch.equal(per_iter, per_iter[:, :1].expand(-1, per_epoch)), "lr must be constant within an epoch"
         torch.testing.assert_close(per_iter[:, 0], gold[f"lr/K{K}"], atol=1e-15, rtol=1e-12,
