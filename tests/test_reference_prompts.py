@@ -36,7 +36,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from clbench.models import Classifier
 from clbench.models.pretrained import TimmBackbone
