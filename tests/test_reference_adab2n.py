@@ -144,7 +144,7 @@ def _run(golden: str, strategy_name: str, *overrides: str):
     g = load_golden(golden)
     e = g.extra
     cfg = load_config(None, [f"scenario.n_tasks={e['n_tasks']}", "model=resnet18", f"model.nf={e['nf']}",
-                             f"strategy={strategy_name}", f"strategy.replay_batch_size=4", *overrides])
+                             f"strategy={strategy_name}", "strategy.replay_batch_size=4", *overrides])
     stream = build_stream(component_config(cfg.scenario), seed=0)
     assert stream.num_classes == 10 and stream.n_tasks == e["n_tasks"]
     ctx = Context(stream=stream, device=torch.device("cpu"), seed=0, preprocess=lambda x, train=False: x)

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, imported_from, official_source, seed_everything, write_golden  # noqa: E402
+from common import imported_from, official_source, seed_everything, write_golden  # noqa: E402
 
 REPOSITORY = "GT-RIPL/CODA-Prompt"
 COMMIT = "6417d4f68754be68b697c7ca2323ee61e791e1a3"

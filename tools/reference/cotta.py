@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import sys
 import types

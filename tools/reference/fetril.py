@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import runpy
 import sys
 import tempfile

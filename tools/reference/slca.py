@@ -52,8 +52,6 @@ Run: ``python tools/reference/slca.py [--source DIR]`` (CPU, ~1 min; needs timm,
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
 import sys
 import types
