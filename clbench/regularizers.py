@@ -241,6 +241,32 @@ def sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tens
     return scale * bce.masked_select(allowed).sum() / allowed.sum().clamp(min=1)
 
 
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor, new: torch.Tensor,
+                 old: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` x Smith et al.'s class-balanced BCE (``--balanced_bce``; ``learners/kd.py`` @ 5388102,
+    ``LWF_MC.update_model`` lines 242-266, the same in ``LWF_MC_FEATKD`` / ``EWC_MC``, and the Fisher loss of
+    ``EWC_MC.accumulate_block_memory`` lines 528-535).  Per row, with ``n`` current (``new``) and ``m`` old
+    (``old``) classes and ``p = sigmoid(logits)``:
+
+        L_new = mean_{c new} w_c BCE(p_c, t_c) * 2n / (1 + 1/n),   w_c = 1 for the label, 1/n for the others
+        L     = L_new * n / (n + m) + mean_{c old} BCE(p_c, t_c) * m / (n + m)   (L = L_new without old classes)
+
+    i.e. the n-1 negatives of a sample weigh as much as its positive; ``targets`` are one-hot on the new
+    classes and (LwF.MC) sigmoid(teacher logits) on the old ones.  Averaged over the rows (the released
+    ``.mean()`` over batch x classes, since every row has the same classes there)."""
+    bce = F.binary_cross_entropy(torch.sigmoid(logits.float()), targets.float(), reduction="none")
+    new = new.expand_as(bce)
+    n = new.sum(1).float().clamp(min=1)
+    weight = (targets.float() * (n[:, None] - 1) + 1) / n[:, None]
+    loss = (weight * bce).masked_fill(~new, 0).sum(1) / n * (2 * n) / (1 + 1 / n)
+    if old is not None:
+        old = old.expand_as(bce)
+        m = old.sum(1).float()
+        old_mean = bce.masked_fill(~old, 0).sum(1) / m.clamp(min=1)
+        loss = loss * n / (n + m) + old_mean * m / (n + m)
+    return scale * loss.mean()
+
+
 def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(y.long(), num_classes).float()
 

@@ -21,7 +21,10 @@ the EWC paper's choices, the released code's are:
   after each task, for each mini-batch of that task's training data (eval mode) add
   ``grad(bce_scale x BCE(sigmoid(logits of the task's classes), one-hot))^2 x B / n_batches``
   (``accumulate_block_memory``; their loader drops the last partial batch and is augmented and
-  shuffled, ours is neither);
+  shuffled, ours is neither); ``fisher_loss: bce_new_balanced`` is the same with their ``--balanced_bce``
+  loss (``accumulate_block_memory`` lines 528-535: :func:`clbench.regularizers.balanced_bce` on the task's
+  classes, the label's BCE weighing as much as the other n-1 together, x 2n/(1 + 1/n), x ``bce_scale``), used
+  by their "-balance" runs together with LwF's ``balanced_bce`` (``configs/repro/smith2023_ewc_balance_cifar100.yaml``);
 * ``freeze_bn: true``: ``update_model`` starts with ``self.model.eval()`` ("keep BN layers frozen");
 * the task loss: with ``--KD`` and no ``--playground_flag`` (their "ewc-mc" run) the LwF.MC loss,
   ``strategy: [lwf, ewc]`` with ``lwf.variant: mc``, ``lwf.bce_scale: 5``
@@ -38,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.regularizers import TASK_LOSSES, ParameterRegularization, batch_fisher, one_hot, per_sample_fisher, sigmoid_bce
+from clbench.regularizers import (TASK_LOSSES, ParameterRegularization, balanced_bce, batch_fisher, one_hot,
+                                  per_sample_fisher, sigmoid_bce)
 from clbench.strategy import Context, StrategyConfig, masked_cross_entropy
 from clbench.validation import bounded, choice
 
@@ -51,7 +55,7 @@ class EWCConfig(StrategyConfig):
     fisher: str = choice("sample", "sample", "batch")  # sample (per-sample empirical Fisher) | batch (released code's estimate)
     fisher_batch_size: int = bounded(64, ge=1)
     gamma: float = bounded(1.0, ge=0, le=1)  # online decay of accumulated Fisher (1: plain sum over tasks)
-    fisher_loss: str = choice("ce", "ce", "bce_new")  # fisher=batch: ce (masked cross-entropy) | bce_new (Smith et al.'s bce_scale x BCE on the task's classes)
+    fisher_loss: str = choice("ce", "ce", "bce_new", "bce_new_balanced")  # fisher=batch: ce (masked cross-entropy) | bce_new (Smith et al.'s bce_scale x BCE on the task's classes) | bce_new_balanced (the same with their --balanced_bce weighting)
     task_loss: str = choice("ce", *TASK_LOSSES)  # ce | bce (sigmoid BCE, seen classes) | bce_new (current classes only); Smith et al.'s code: bce_new / LwF.MC
     bce_scale: float = bounded(5.0, gt=0)  # task_loss=bce*, fisher_loss=bce_new: factor of the BCE (Smith et al.'s ce_loss_scale = 5)
     freeze_bn: bool = False  # train in eval mode (BatchNorm keeps its running statistics), as Smith et al.'s update_model
@@ -67,10 +71,10 @@ class EWC(ParameterRegularization):
         super().setup(model, ctx)
         if self.cfg.fisher not in ("sample", "batch"):
             raise ClbenchError(f"strategy.fisher must be 'sample' or 'batch', got '{self.cfg.fisher}'")
-        if self.cfg.fisher_loss not in ("ce", "bce_new"):
-            raise ClbenchError(f"strategy.fisher_loss must be 'ce' or 'bce_new', got '{self.cfg.fisher_loss}'")
+        if self.cfg.fisher_loss not in ("ce", "bce_new", "bce_new_balanced"):
+            raise ClbenchError(f"strategy.fisher_loss must be 'ce', 'bce_new' or 'bce_new_balanced', got '{self.cfg.fisher_loss}'")
         if self.cfg.fisher_loss != "ce" and self.cfg.fisher != "batch":
-            raise ClbenchError("strategy.fisher_loss=bce_new is the released code's batch estimate: set strategy.fisher=batch")
+            raise ClbenchError(f"strategy.fisher_loss={self.cfg.fisher_loss} is the released code's batch estimate: set strategy.fisher=batch")
 
     def penalty_scale(self) -> float:
         return self.cfg.lambda_ / 2
@@ -83,12 +87,13 @@ class EWC(ParameterRegularization):
         )
         if self.cfg.fisher == "sample":
             fisher = per_sample_fisher(self.model, self.reg.params, batches)
-        elif self.cfg.fisher_loss == "bce_new":
+        elif self.cfg.fisher_loss in ("bce_new", "bce_new_balanced"):
             task = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
             task[exp.classes.to(ctx.device)] = True
+            bce = balanced_bce if self.cfg.fisher_loss == "bce_new_balanced" else sigmoid_bce
 
             def task_bce(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-                return sigmoid_bce(logits, one_hot(y, logits.shape[1]), task.expand_as(allowed), self.cfg.bce_scale)
+                return bce(logits, one_hot(y, logits.shape[1]), task.expand_as(allowed), scale=self.cfg.bce_scale)
 
             fisher = batch_fisher(self.model, self.reg.params, batches, task_bce)
         else:

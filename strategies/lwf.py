@@ -39,6 +39,21 @@ features are pulled toward the initial (random or pretrained) ones from the star
 ``feature_kd_initial: true``.  Their "featkd" run (``--playground_flag --temp -3``) is
 ``variant: kd, alpha: 0`` (CE, no logit distillation) with ``feature_kd: 5``; "lwf-mc-featkd" is
 ``variant: mc`` with it.
+
+``task_loss`` (``variant: kd``; default ``ce``) replaces the cross-entropy term as in EWC/L2:
+``bce`` / ``bce_new`` = ``bce_scale`` x BCE on the sigmoid of the seen / the current experience's logits,
+one-hot targets.  Their "lwf-mc-featkd-nologitkd" run (``LWF_MC_FEATKD --mu 5 --playground_flag --temp -1``,
+``learners/kd.py`` lines 298-300: 5 x BCE on ``logits[:, last_valid_out_dim:valid_out_dim]``) is
+``variant: kd, alpha: 0, task_loss: bce_new, bce_scale: 5`` with ``feature_kd: 5, feature_kd_initial: true``
+(``configs/repro/smith2023_lwf_mc_featkd_nologitkd_cifar100.yaml``).
+
+``balanced_bce: true`` (``variant: mc``) is their ``--balanced_bce`` ("-balance" runs; ``LWF_MC.update_model``
+lines 242-266, the same in ``LWF_MC_FEATKD`` and ``EWC_MC``): the current classes' BCE with the label's
+term weighing as much as the other n - 1 together, x 2n / (1 + 1/n), mixed with the old classes' BCE
+toward sigmoid(teacher) in proportion to their numbers, n / (n + m) and m / (n + m)
+(:func:`clbench.regularizers.balanced_bce`).  Their balanced loss has no ``ce_loss_scale``: its repro
+configs set ``bce_scale: 1`` (the loss is multiplied by ``bce_scale``).  With EWC, their Fisher then
+uses the same weighting (``ewc.fisher_loss: bce_new_balanced``).
 """
 
 from __future__ import annotations
@@ -51,9 +66,9 @@ import torch
 from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.regularizers import one_hot, sigmoid_bce
+from clbench.regularizers import TASK_LOSSES, balanced_bce, one_hot, sigmoid_bce
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
-from clbench.validation import bounded, choice
+from clbench.validation import bounded, choice, require
 
 
 @dataclass
@@ -67,6 +82,14 @@ class LwFConfig(StrategyConfig):
     freeze_bn: bool = False  # train in eval mode (BatchNorm keeps its running statistics), as Smith et al.'s update_model
     feature_kd: float = bounded(0.0, ge=0)  # weight of MSE(features, teacher's features) (Smith et al.'s FeatKD: 5); 0 = off
     feature_kd_initial: bool = False  # feature_kd in the first experience too, toward the initial model (their LWF_MC_FEATKD)
+    task_loss: str = choice("ce", *TASK_LOSSES)  # variant=kd: ce | bce (bce_scale x sigmoid BCE, seen classes) | bce_new (current classes only; their --playground_flag --temp -1)
+    balanced_bce: bool = False  # variant=mc: Smith et al.'s --balanced_bce class-balanced BCE (their "-balance" runs)
+
+    def validate(self) -> None:
+        require(not self.balanced_bce or self.variant == "mc",
+                f"lwf: balanced_bce=true is a form of the LwF.MC loss: set variant=mc (got variant={self.variant})")
+        require(self.task_loss == "ce" or self.variant == "kd",
+                f"lwf: task_loss={self.task_loss} replaces the cross-entropy of variant=kd; variant=mc has its own BCE")
 
 
 @register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (Li & Hoiem 2016), class-IL distillation")
@@ -79,6 +102,9 @@ class LwF(Strategy):
         super().setup(model, ctx)
         if self.cfg.variant not in ("kd", "mc"):
             raise ClbenchError(f"strategy.variant must be 'kd' or 'mc', got '{self.cfg.variant}'")
+        if self.cfg.task_loss not in TASK_LOSSES:
+            raise ClbenchError(f"strategy.task_loss must be one of {', '.join(TASK_LOSSES)}, got '{self.cfg.task_loss}'")
+        self.cfg.validate()
         self.teacher: torch.nn.Module | None = None
         if self.cfg.feature_kd > 0 and self.cfg.feature_kd_initial:  # the released code's teacher in task 1
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -116,11 +142,28 @@ class LwF(Strategy):
         """LwF.MC: ``bce_scale`` x BCE(sigmoid(z), t) over the allowed (seen) classes, t = one-hot on
         the current classes and sigmoid(teacher logits) on the old ones."""
         target = one_hot(batch.y, output.shape[1])
-        if self.teacher is not None and bool(self.old_classes.any()):
+        distill = self.teacher is not None and bool(self.old_classes.any())
+        if distill:
             with torch.no_grad():
                 soft = torch.sigmoid(self.teacher(self._x).float())
             target[:, self.old_classes] = soft[:, self.old_classes]
-        return sigmoid_bce(output, target, ctx.class_mask[batch.task], self.cfg.bce_scale)
+        allowed = ctx.class_mask[batch.task]
+        if self.cfg.balanced_bce:  # their --balanced_bce: current classes balanced, old ones in proportion
+            if not distill:
+                return balanced_bce(output, target, allowed, scale=self.cfg.bce_scale)
+            return balanced_bce(output, target, allowed & ~self.old_classes, allowed & self.old_classes,
+                                scale=self.cfg.bce_scale)
+        return sigmoid_bce(output, target, allowed, self.cfg.bce_scale)
+
+    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """``variant: kd``'s classification term: cross-entropy, or ``bce_scale`` x sigmoid BCE on the seen
+        (``task_loss: bce``) or current (``bce_new``) classes' logits."""
+        if self.cfg.task_loss == "ce":
+            return super().task_loss(output, batch, ctx)
+        allowed = ctx.class_mask[batch.task]
+        if self.cfg.task_loss == "bce_new":
+            allowed = allowed & ~self.old_classes
+        return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         if self.cfg.variant == "mc":

@@ -2,14 +2,15 @@
 
 The golden ``tests/reference/smith2023.safetensors`` was written by ``tools/reference/smith2023.py``
 from ``shaunak27/data-free-continual-learning`` @ 5388102 (``learners/kd.py``: ``EWC_MC``,
-``EWC_MC_L1L2``, ``EWC_MC_L2START``, ``LWF_MC``): a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches of 8,
+``EWC_MC_L1L2``, ``EWC_MC_L2START``, ``LWF_MC``, ``LWF_MC_FEATKD``, with and without ``--balanced_bce``): a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches of 8,
 SGD (lr 0.1, momentum 0.9, wd 2e-4, reset per task).  Here clbench's strategies run the same case
 (same initial weights and BN statistics, from the golden) through their hooks, in the order the
 engine calls them (``model.train()`` at each experience, ``prepare_batch``, ``forward``, ``loss``, an
 SGD step, ``after_experience``), and must give
 
 * parity mode (``freeze_bn``, ``fisher: batch`` + ``fisher_loss: bce_new``, LwF ``variant: mc``,
-  ``feature_kd`` + ``feature_kd_initial``, ``task_loss: bce_new``, L2 ``anchor_initial``): the golden's losses at all 12 steps, its parameters
+  ``feature_kd`` + ``feature_kd_initial``, ``task_loss: bce_new`` (EWC and LwF), LwF ``balanced_bce``,
+  EWC ``fisher_loss: bce_new_balanced``, L2 ``anchor_initial``): the golden's losses at all 12 steps, its parameters
   after steps 1, 6, 7, 12, its Fisher and anchors after each task, to atol 1e-5 / rtol 1e-4;
 * paper mode (clbench's defaults): the same penalty as the released code for the same Fisher and
   anchor (the formulas agree), and measurably different Fisher and weights (the recipes do not).
@@ -38,6 +39,8 @@ PARITY_EWC = {"lambda_": 10.0, "fisher": "batch", "fisher_loss": "bce_new", "fis
               "bce_scale": 5.0, "freeze_bn": True}
 PARITY_L2 = {"lambda_": 0.05, "anchor_initial": True, "freeze_bn": True}
 PARITY_LWF_MC = {"variant": "mc", "bce_scale": 5.0, "freeze_bn": True}
+PARITY_LWF_MC_BALANCED = {"variant": "mc", "balanced_bce": True, "bce_scale": 1.0, "freeze_bn": True}  # no x5 there
+PARITY_FEATKD = {"feature_kd": 5.0, "feature_kd_initial": True}
 # golden variant -> clbench strategy: {component: config overrides}
 PARITY = {
     "ewc_mc": {"lwf": PARITY_LWF_MC, "ewc": PARITY_EWC},
@@ -48,7 +51,13 @@ PARITY = {
     "ewc_lwf": {"lwf": {"freeze_bn": True}, "ewc": PARITY_EWC},
     "lwf_mc": {"lwf": PARITY_LWF_MC},
     "featkd": {"lwf": {"variant": "kd", "alpha": 0.0, "feature_kd": 5.0, "feature_kd_initial": True, "freeze_bn": True}},
-    "lwf_mc_featkd": {"lwf": {**PARITY_LWF_MC, "feature_kd": 5.0, "feature_kd_initial": True}},
+    "lwf_mc_featkd": {"lwf": {**PARITY_LWF_MC, **PARITY_FEATKD}},
+    "lwf_mc_featkd_nologitkd": {"lwf": {"variant": "kd", "alpha": 0.0, "task_loss": "bce_new", "bce_scale": 5.0,
+                                        **PARITY_FEATKD, "freeze_bn": True}},
+    "lwf_mc_balanced": {"lwf": PARITY_LWF_MC_BALANCED},
+    "lwf_mc_featkd_balanced": {"lwf": {**PARITY_LWF_MC_BALANCED, **PARITY_FEATKD}},
+    "ewc_mc_balanced": {"lwf": PARITY_LWF_MC_BALANCED, "ewc": {**PARITY_EWC, "fisher_loss": "bce_new_balanced"}},
+    "l2_mc_balanced": {"lwf": PARITY_LWF_MC_BALANCED, "l2": PARITY_L2},
 }
 
 
@@ -221,9 +230,32 @@ def test_task_loss_of_a_non_owner_component_is_refused():
 
 def test_fisher_bce_needs_the_batch_estimate():
     ctx, _ = context()
-    cfg = dataclasses.replace(STRATEGIES.get("ewc").config(), fisher_loss="bce_new")
-    with pytest.raises(ClbenchError, match="fisher=batch"):
-        STRATEGIES.get("ewc").obj(cfg).setup(initial_model(), ctx)
+    for loss in ("bce_new", "bce_new_balanced"):
+        cfg = dataclasses.replace(STRATEGIES.get("ewc").config(), fisher_loss=loss)
+        with pytest.raises(ClbenchError, match="fisher=batch"):
+            STRATEGIES.get("ewc").obj(cfg).setup(initial_model(), ctx)
+
+
+@pytest.mark.parametrize("balanced, plain", [("lwf_mc_balanced", "lwf_mc"), ("ewc_mc_balanced", "ewc_mc")])
+def test_balanced_bce_changes_the_released_run(balanced, plain):
+    """``--balanced_bce`` is not a no-op on the golden's case: the weights after task 2 (and EWC's Fisher
+    after task 1) differ from the unbalanced run's, so the parity test above distinguishes the two."""
+    assert float((G[f"{balanced}/params"][3] - G[f"{plain}/params"][3]).abs().max()) > 1e-3
+    if "ewc" in balanced:
+        ref = G[f"{plain}/fisher_task0"]
+        assert float((G[f"{balanced}/fisher_task0"] - ref).norm() / ref.norm()) > 0.1
+
+
+def test_lwf_option_combinations_are_refused_at_validation():
+    from clbench.validation import validate
+
+    lwf = STRATEGIES.get("lwf").config
+    with pytest.raises(ClbenchError, match="balanced_bce=true.*variant=mc"):
+        validate(dataclasses.replace(lwf(), balanced_bce=True))
+    with pytest.raises(ClbenchError, match="task_loss=bce_new.*variant=kd"):
+        validate(dataclasses.replace(lwf(), variant="mc", task_loss="bce_new"))
+    validate(dataclasses.replace(lwf(), variant="mc", balanced_bce=True))
+    validate(dataclasses.replace(lwf(), task_loss="bce_new"))
 
 
 REPRO = {  # config -> the golden variant whose (tested) options it turns on
@@ -232,6 +264,12 @@ REPRO = {  # config -> the golden variant whose (tested) options it turns on
     "smith2023_l2_cifar100_pretrained": "l2_mc", "smith2023_ewc_l2start_cifar100_pretrained": "ewc_mc_l2start",
     "smith2023_featkd_cifar100": "featkd", "smith2023_lwf_mc_featkd_cifar100": "lwf_mc_featkd",
     "smith2023_lwf_mc_featkd_cifar100_pretrained": "lwf_mc_featkd",
+    "smith2023_lwf_mc_featkd_nologitkd_cifar100": "lwf_mc_featkd_nologitkd",
+    "smith2023_lwf_mc_balance_cifar100": "lwf_mc_balanced", "smith2023_lwf_mc_balance_cifar100_pretrained": "lwf_mc_balanced",
+    "smith2023_lwf_mc_featkd_balance_cifar100": "lwf_mc_featkd_balanced",
+    "smith2023_lwf_mc_featkd_balance_cifar100_pretrained": "lwf_mc_featkd_balanced",
+    "smith2023_ewc_balance_cifar100": "ewc_mc_balanced", "smith2023_ewc_balance_cifar100_pretrained": "ewc_mc_balanced",
+    "smith2023_l2_balance_cifar100": "l2_mc_balanced", "smith2023_l2_balance_cifar100_pretrained": "l2_mc_balanced",
 }
 
 

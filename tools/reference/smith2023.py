@@ -26,7 +26,12 @@ Variants (the learner and flags of the runs in ``experiments/cifar100-continual.
 * ``lwf_mc``      ``LWF_MC`` (``lwf-mc``): the LwF.MC loss alone;
 * ``featkd``      ``LWF_MC_FEATKD --mu 5 --playground_flag --temp -3`` (``featkd``): CE + 5 x MSE between the
   penultimate features and the teacher's -- in task 1 the teacher is the initial model;
-* ``lwf_mc_featkd`` ``LWF_MC_FEATKD --mu 5`` (``lwf-mc-featkd``): LwF.MC + the same feature distillation.
+* ``lwf_mc_featkd`` ``LWF_MC_FEATKD --mu 5`` (``lwf-mc-featkd``): LwF.MC + the same feature distillation;
+* ``lwf_mc_featkd_nologitkd`` ``LWF_MC_FEATKD --mu 5 --playground_flag --temp -1``
+  (``lwf-mc-featkd-nologitkd``): 5 x BCE on the new classes' logits + the feature distillation;
+* ``*_balanced`` (``BALANCED``): ``lwf_mc``, ``lwf_mc_featkd``, ``ewc_mc``, ``l2_mc`` with ``--balanced_bce``
+  (``lwf-mc-balance``, ``lwf-mc-featkd-balance``, ``ewc-mc-balance``, ``mc-l2-balance``): the class-balanced
+  BCE in training and in EWC's Fisher pass.
 
 Case: a tiny MLP with BatchNorm (``feat`` = Linear(8,12)-BN-ReLU-Linear(12,12)-BN-ReLU, ``last`` =
 Linear(12,6), non-trivial BN running statistics), 2 tasks of 3 classes (0-2, 3-5), 24 seeded Gaussian
@@ -83,7 +88,13 @@ VARIANTS = {
     "lwf_mc": ("LWF_MC", True, False, 2.0, 1.0, 0.0),
     "featkd": ("LWF_MC_FEATKD", True, True, -3.0, 5.0, 0.0),
     "lwf_mc_featkd": ("LWF_MC_FEATKD", True, False, 2.0, 5.0, 0.0),
+    "lwf_mc_featkd_nologitkd": ("LWF_MC_FEATKD", True, True, -1.0, 5.0, 0.0),
+    "lwf_mc_balanced": ("LWF_MC", True, False, 2.0, 1.0, 0.0),
+    "lwf_mc_featkd_balanced": ("LWF_MC_FEATKD", True, False, 2.0, 5.0, 0.0),
+    "ewc_mc_balanced": ("EWC_MC", True, False, 2.0, 10.0, 0.0),
+    "l2_mc_balanced": ("EWC_MC_L1L2", True, False, 2.0, 0.0, -0.05),
 }
+BALANCED = ("lwf_mc_balanced", "lwf_mc_featkd_balanced", "ewc_mc_balanced", "l2_mc_balanced")  # --balanced_bce
 
 
 class TinyNet(nn.Module):
@@ -129,7 +140,7 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: float) -> dict:
+def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: float, balanced: bool = False) -> dict:
     """The dict ``trainer.py`` builds from the arguments (only the keys the learners read)."""
     return {"num_classes": CLASSES, "lr": LR, "debug_mode": False, "momentum": MOMENTUM, "weight_decay": WD,
             "schedule": [EPOCHS], "schedule_type": "decay", "model_type": "mlp", "model_name": "MLP",
@@ -138,7 +149,7 @@ def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: floa
             "KD": kd, "batch_size": BATCH, "stat_layers": [-1], "power_iters": 10, "deep_inv_params": [-1],
             "refresh_iters": 10, "upper_bound_flag": False, "playground_flag": playground,
             "tasks": [list(range(t * PER_TASK, (t + 1) * PER_TASK)) for t in range(TASKS)], "top_k": 1,
-            "block_size": 1, "layer_freeze": 1, "balanced_bce": False}
+            "block_size": 1, "layer_freeze": 1, "balanced_bce": balanced}
 
 
 def flat(tensors) -> torch.Tensor:
@@ -147,7 +158,7 @@ def flat(tensors) -> torch.Tensor:
 
 def run_variant(kd_module, name: str, spec, state: dict, x: torch.Tensor, y: torch.Tensor, save_dir: str) -> dict:
     cls_name, kd, playground, temp, mu, eps = spec
-    learner = getattr(kd_module, cls_name)(learner_config(kd, playground, temp, mu, eps))
+    learner = getattr(kd_module, cls_name)(learner_config(kd, playground, temp, mu, eps, name in BALANCED))
     learner.log = lambda *a, **k: None
     learner.model = TinyNet()
     learner.model.load_state_dict(state)
@@ -217,7 +228,7 @@ def main() -> None:
     write_golden("smith2023", tensors, repository=REPOSITORY, commit=COMMIT, files=FILES,
                  script="tools/reference/smith2023.py",
                  notes="EWC_MC / EWC_MC_L1L2 / EWC_MC_L2START / LWF_MC / LWF_MC_FEATKD learners on a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches",
-                 extra={"variants": {k: list(v) for k, v in VARIANTS.items()}, "in_dim": IN_DIM, "hidden": HIDDEN,
+                 extra={"variants": {k: list(v) for k, v in VARIANTS.items()}, "balanced_bce": list(BALANCED), "in_dim": IN_DIM, "hidden": HIDDEN,
                         "classes": CLASSES, "per_task": PER_TASK, "batch": BATCH, "n_batches": N_BATCHES,
                         "epochs": EPOCHS, "tasks": TASKS, "lr": LR, "momentum": MOMENTUM, "weight_decay": WD,
                         "record_steps": list(RECORD_STEPS)})
