@@ -58,7 +58,10 @@ PARITY = {
     "lwf_mc_featkd_balanced": {"lwf": {**PARITY_LWF_MC_BALANCED, **PARITY_FEATKD}},
     "ewc_mc_balanced": {"lwf": PARITY_LWF_MC_BALANCED, "ewc": {**PARITY_EWC, "fisher_loss": "bce_new_balanced"}},
     "l2_mc_balanced": {"lwf": PARITY_LWF_MC_BALANCED, "l2": PARITY_L2},
+    # tasks of 2 and 4 classes (own data): the balanced loss mixes new and old classes 4/6 : 2/6, not 1/2 : 1/2
+    "ewc_mc_balanced_uneven": {"lwf": PARITY_LWF_MC_BALANCED, "ewc": {**PARITY_EWC, "fisher_loss": "bce_new_balanced"}},
 }
+SPLITS = {k: tuple(v) for k, v in E.get("splits", {}).items()}  # classes per task where not per_task each
 
 
 class Net(nn.Module):
@@ -94,11 +97,13 @@ def make_strategy(spec: dict[str, dict]):
     return Composite(cfg)
 
 
-def context() -> tuple[Context, list]:
+def context(variant: str | None = None) -> tuple[Context, list]:
     n = E["n_batches"] * E["batch"]
-    c, k = E["classes"], E["per_task"]
-    stream = types.SimpleNamespace(num_classes=c, train=types.SimpleNamespace(x=G["x"], y=G["y"]))
-    exps = [types.SimpleNamespace(task_id=t, classes=torch.arange(t * k, (t + 1) * k), transform=None,
+    c = E["classes"]
+    split = SPLITS.get(variant, (E["per_task"],) * E["tasks"])
+    x, y = (G[f"{variant}/x"], G[f"{variant}/y"]) if variant in SPLITS else (G["x"], G["y"])
+    stream = types.SimpleNamespace(num_classes=c, train=types.SimpleNamespace(x=x, y=y))
+    exps = [types.SimpleNamespace(task_id=t, classes=torch.arange(sum(split[:t]), sum(split[:t + 1])), transform=None,
                                   train_idx=torch.arange(t * n, (t + 1) * n)) for t in range(E["tasks"])]
     ctx = Context(stream=stream, device=torch.device("cpu"), seed=0, preprocess=lambda x, train=False: x)
     return ctx, exps
@@ -110,14 +115,15 @@ def flat(tensors) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def run_variant(variant: str) -> dict[str, torch.Tensor]:
-    return train(PARITY[variant])
+    return train(PARITY[variant], variant)
 
 
-def train(spec: dict[str, dict]) -> dict[str, torch.Tensor]:
+def train(spec: dict[str, dict], variant: str | None = None) -> dict[str, torch.Tensor]:
     """Run the golden's case through clbench's strategy hooks; record what the golden holds."""
     torch.manual_seed(0)
     model = initial_model()
-    ctx, exps = context()
+    ctx, exps = context(variant)
+    x, y = ctx.stream.train.x, ctx.stream.train.y
     strategy = make_strategy(spec)
     strategy.setup(model, ctx)
     ewc = strategy.components.get("ewc") if isinstance(strategy, Composite) else strategy if "ewc" in spec else None
@@ -126,7 +132,7 @@ def train(spec: dict[str, dict]) -> dict[str, torch.Tensor]:
     step = 0
     for t, exp in enumerate(exps):
         seen = torch.zeros(c, dtype=torch.bool)
-        seen[: (t + 1) * E["per_task"]] = True
+        seen[: int(exp.classes.max()) + 1] = True
         ctx.experience, ctx.class_mask = t, seen.expand(E["tasks"], c).clone()
         strategy.before_experience(exp, ctx)
         opt = torch.optim.SGD([p for g in strategy.param_groups() for p in g["params"]], lr=E["lr"],
@@ -135,7 +141,7 @@ def train(spec: dict[str, dict]) -> dict[str, torch.Tensor]:
         for _ in range(E["epochs"]):
             for i in range(E["n_batches"]):
                 idx = exp.train_idx[i * b:(i + 1) * b]
-                batch = strategy.prepare_batch(Batch(G["x"][idx], G["y"][idx], torch.full((b,), t)), ctx)
+                batch = strategy.prepare_batch(Batch(x[idx], y[idx], torch.full((b,), t)), ctx)
                 output = strategy.forward(ctx.inputs(batch.x, train=True), batch, ctx)
                 loss = strategy.loss(output, batch, ctx)
                 pen = strategy.penalty(output, batch, ctx)

@@ -31,7 +31,10 @@ Variants (the learner and flags of the runs in ``experiments/cifar100-continual.
   (``lwf-mc-featkd-nologitkd``): 5 x BCE on the new classes' logits + the feature distillation;
 * ``*_balanced`` (``BALANCED``): ``lwf_mc``, ``lwf_mc_featkd``, ``ewc_mc``, ``l2_mc`` with ``--balanced_bce``
   (``lwf-mc-balance``, ``lwf-mc-featkd-balance``, ``ewc-mc-balance``, ``mc-l2-balance``): the class-balanced
-  BCE in training and in EWC's Fisher pass.
+  BCE in training and in EWC's Fisher pass;
+* ``ewc_mc_balanced_uneven`` ``EWC_MC --balanced_bce`` on tasks of 2 and 4 classes (``SPLITS``; own data
+  ``<name>/x``, ``<name>/y``): with 3 + 3 classes the balanced loss's n/(n+m) : m/(n+m) mix is 1/2 : 1/2,
+  here it is 4/6 : 2/6, and the Fisher passes run with n = 2 and n = 4.
 
 Case: a tiny MLP with BatchNorm (``feat`` = Linear(8,12)-BN-ReLU-Linear(12,12)-BN-ReLU, ``last`` =
 Linear(12,6), non-trivial BN running statistics), 2 tasks of 3 classes (0-2, 3-5), 24 seeded Gaussian
@@ -94,7 +97,10 @@ VARIANTS = {
     "ewc_mc_balanced": ("EWC_MC", True, False, 2.0, 10.0, 0.0),
     "l2_mc_balanced": ("EWC_MC_L1L2", True, False, 2.0, 0.0, -0.05),
 }
-BALANCED = ("lwf_mc_balanced", "lwf_mc_featkd_balanced", "ewc_mc_balanced", "l2_mc_balanced")  # --balanced_bce
+VARIANTS["ewc_mc_balanced_uneven"] = VARIANTS["ewc_mc_balanced"]
+BALANCED = ("lwf_mc_balanced", "lwf_mc_featkd_balanced", "ewc_mc_balanced", "l2_mc_balanced",
+            "ewc_mc_balanced_uneven")  # --balanced_bce
+SPLITS = {"ewc_mc_balanced_uneven": (2, 4)}  # classes per task where not (PER_TASK,) * TASKS
 
 
 class TinyNet(nn.Module):
@@ -125,22 +131,23 @@ def initial_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def make_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """``TASKS * N_BATCHES * BATCH`` samples in stream order; task t holds classes 3t..3t+2, a class-
+def make_data(split: tuple[int, ...] = (PER_TASK,) * TASKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TASKS * N_BATCHES * BATCH`` samples in stream order; task t holds ``split[t]`` classes (default 3t..3t+2), a class-
     dependent mean so that the tasks are learnable."""
     g = torch.Generator().manual_seed(1)
     n = N_BATCHES * BATCH
     xs, ys = [], []
     means = torch.randn(CLASSES, IN_DIM, generator=g)
     for t in range(TASKS):
-        y = t * PER_TASK + torch.arange(n) % PER_TASK
+        y = sum(split[:t]) + torch.arange(n) % split[t]
         y = y[torch.randperm(n, generator=g)]
         xs.append(means[y] + torch.randn(n, IN_DIM, generator=g))
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
 
 
-def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: float, balanced: bool = False) -> dict:
+def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: float, balanced: bool = False,
+                   split: tuple[int, ...] = (PER_TASK,) * TASKS) -> dict:
     """The dict ``trainer.py`` builds from the arguments (only the keys the learners read)."""
     return {"num_classes": CLASSES, "lr": LR, "debug_mode": False, "momentum": MOMENTUM, "weight_decay": WD,
             "schedule": [EPOCHS], "schedule_type": "decay", "model_type": "mlp", "model_name": "MLP",
@@ -148,7 +155,7 @@ def learner_config(kd: bool, playground: bool, temp: float, mu: float, eps: floa
             "temp": temp, "out_dim": CLASSES, "overwrite": False, "mu": mu, "beta": 0.0, "eps": eps, "DW": False,
             "KD": kd, "batch_size": BATCH, "stat_layers": [-1], "power_iters": 10, "deep_inv_params": [-1],
             "refresh_iters": 10, "upper_bound_flag": False, "playground_flag": playground,
-            "tasks": [list(range(t * PER_TASK, (t + 1) * PER_TASK)) for t in range(TASKS)], "top_k": 1,
+            "tasks": [list(range(sum(split[:t]), sum(split[:t + 1]))) for t in range(TASKS)], "top_k": 1,
             "block_size": 1, "layer_freeze": 1, "balanced_bce": balanced}
 
 
@@ -158,7 +165,8 @@ def flat(tensors) -> torch.Tensor:
 
 def run_variant(kd_module, name: str, spec, state: dict, x: torch.Tensor, y: torch.Tensor, save_dir: str) -> dict:
     cls_name, kd, playground, temp, mu, eps = spec
-    learner = getattr(kd_module, cls_name)(learner_config(kd, playground, temp, mu, eps, name in BALANCED))
+    split = SPLITS.get(name, (PER_TASK,) * TASKS)
+    learner = getattr(kd_module, cls_name)(learner_config(kd, playground, temp, mu, eps, name in BALANCED, split))
     learner.log = lambda *a, **k: None
     learner.model = TinyNet()
     learner.model.load_state_dict(state)
@@ -183,7 +191,7 @@ def run_variant(kd_module, name: str, spec, state: dict, x: torch.Tensor, y: tor
         xt, yt = x[t * n:(t + 1) * n], y[t * n:(t + 1) * n]
         loader = [([xt[b * BATCH:(b + 1) * BATCH]], yt[b * BATCH:(b + 1) * BATCH], torch.full((BATCH,), t))
                   for b in range(N_BATCHES)]
-        learner.add_valid_output_dim(PER_TASK)
+        learner.add_valid_output_dim(split[t])
         learner.learn_batch(loader, dataset, f"{save_dir}/{name}-task{t}/")
         terms = getattr(learner, "regularization_terms", {}).get("online")
         if terms is not None:
@@ -222,13 +230,19 @@ def main() -> None:
         with imported_from(src, "learners", "models", "utils", "dataloaders"), tempfile.TemporaryDirectory() as tmp:
             import learners.kd as kd_module
             for name, spec in VARIANTS.items():
-                tensors.update(run_variant(kd_module, name, spec, state, x, y, tmp))
+                if name in SPLITS:
+                    xs, ys = make_data(SPLITS[name])
+                    tensors.update({f"{name}/x": xs, f"{name}/y": ys})
+                    tensors.update(run_variant(kd_module, name, spec, state, xs, ys, tmp))
+                else:
+                    tensors.update(run_variant(kd_module, name, spec, state, x, y, tmp))
     finally:
         torch.Tensor.cuda, nn.Module.cuda, torch.cuda.set_device = cuda, module_cuda, set_device
     write_golden("smith2023", tensors, repository=REPOSITORY, commit=COMMIT, files=FILES,
                  script="tools/reference/smith2023.py",
                  notes="EWC_MC / EWC_MC_L1L2 / EWC_MC_L2START / LWF_MC / LWF_MC_FEATKD learners on a tiny BN-MLP, 2 tasks x 2 epochs x 3 batches",
-                 extra={"variants": {k: list(v) for k, v in VARIANTS.items()}, "balanced_bce": list(BALANCED), "in_dim": IN_DIM, "hidden": HIDDEN,
+                 extra={"variants": {k: list(v) for k, v in VARIANTS.items()}, "balanced_bce": list(BALANCED),
+                        "splits": {k: list(v) for k, v in SPLITS.items()}, "in_dim": IN_DIM, "hidden": HIDDEN,
                         "classes": CLASSES, "per_task": PER_TASK, "batch": BATCH, "n_batches": N_BATCHES,
                         "epochs": EPOCHS, "tasks": TASKS, "lr": LR, "momentum": MOMENTUM, "weight_decay": WD,
                         "record_steps": list(RECORD_STEPS)})
