@@ -8,8 +8,8 @@ Fisher: by default the per-sample empirical Fisher, 1/N sum_n (grad log p(y_n | 
 the true labels (as in the EWC paper and van de Ven et al.'s code).  The released code of
 Smith et al. (``learners/kd.py``) squares *mini-batch* gradients instead, scaled by
 batch_size / n_batches, which brings it within a small factor of the per-sample Fisher (0.85x in
-the issue-13 audit, 1.57x on the tiny reference case at initialisation; it is Avalanche's and ContinualEvaluation's mini-batch estimator, without that factor, that is
-about batch-size times smaller): ``fisher: batch`` reproduces Smith et al.'s estimator (with our
+the issue-13 audit, 1.57x on the tiny reference case at initialisation; it is Avalanche's and
+ContinualEvaluation's mini-batch estimator, without that factor, that is about batch-size times smaller): ``fisher: batch`` reproduces Smith et al.'s estimator (with our
 masked cross-entropy rather than their sigmoid-BCE, unless ``fisher_loss: bce_new``) for parity.
 Only the feature extractor is regularised by default, as in that code (``params: all`` adds the head).
 
