@@ -38,6 +38,14 @@ TYPED_SECTIONS: dict[str, tuple[Registry, str]] = {
 }
 
 
+def check_milestones(scheduler: str, milestones) -> None:
+    """``train.scheduler=multistep`` needs strictly increasing ``train.milestones`` (at load and in
+    :func:`clbench.engine.make_scheduler`)."""
+    milestones = list(milestones or [])
+    require(scheduler != "multistep" or (milestones and milestones == sorted(set(milestones))),
+            f"train.scheduler=multistep needs train.milestones, strictly increasing epochs (e.g. [30, 60]); got {milestones}")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = bounded(5, ge=0)  # passes over each experience's data (ignored when iterations is set)
@@ -66,9 +74,7 @@ class TrainConfig:
     online_iter: int = bounded(1, ge=1)  # online: gradient steps per incoming batch (Si-Blurry: 3)
 
     def validate(self) -> None:
-        milestones = list(self.milestones)
-        require(self.scheduler != "multistep" or (milestones and milestones == sorted(set(milestones))),
-                f"train.scheduler=multistep needs train.milestones, strictly increasing epochs (e.g. [30, 60]); got {milestones}")
+        check_milestones(self.scheduler, self.milestones)
 
 
 @dataclass

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clbench.config import RunConfig, config_to_yaml, load_config, to_dict
+from clbench.config import SCHEDULERS, RunConfig, check_milestones, config_to_yaml, load_config, to_dict
 from clbench.evaluation import Evaluator, check_compile_mode
 from clbench.logging import build_logger
 from clbench.logging.console import PassProgress
@@ -801,16 +801,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, n_iter: int, per_epoch
     * ``multistep``: torch's ``MultiStepLR`` stepped per epoch (SLCA, FeTrIL's initial model):
       lr x gamma^(number of milestones <= e) in epoch e.
     A linear warm-up over the first ``warmup_iters`` iterations multiplies any of them."""
-    from clbench.config import SCHEDULERS
-
     if cfg.scheduler == "none" and cfg.warmup_iters == 0:
         return None
     if cfg.scheduler not in SCHEDULERS:
         raise ClbenchError(f"unknown train.scheduler '{cfg.scheduler}'; valid: {', '.join(SCHEDULERS)}")
     milestones = list(getattr(cfg, "milestones", []) or [])
-    if cfg.scheduler == "multistep" and (not milestones or milestones != sorted(set(milestones))):
-        raise ClbenchError(f"train.scheduler=multistep needs train.milestones, strictly increasing epochs "
-                           f"(e.g. [30, 60]); got {milestones}")
+    check_milestones(cfg.scheduler, milestones)
     warm, kind = cfg.warmup_iters, cfg.scheduler
     per_epoch = max(1, per_epoch or n_iter)
     n_epochs = max(1, math.ceil(n_iter / per_epoch))

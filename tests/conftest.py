@@ -77,14 +77,17 @@ needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").
                                  reason=f"real MNIST not found in {MNIST_DIR}")
 
 
-def lr_per_iteration(scheduler: str, n_iter: int, per_epoch: int, lr: float = 0.1, **train) -> list[float]:
-    """The learning rate of each of ``n_iter`` iterations under ``train.scheduler=scheduler`` (the
-    engine's schedule, stepped after every optimizer step); ``train``: other TrainConfig fields."""
+def lr_per_iteration(scheduler: str | object, n_iter: int, per_epoch: int | None, lr: float = 0.1,
+                     **train) -> list[float]:
+    """The learning rate of each of ``n_iter`` iterations under the engine's schedule (stepped after every
+    optimizer step): ``scheduler`` is a ``train.scheduler`` name (``train``: other TrainConfig fields) or a
+    whole train config (e.g. ``load_config(...).train``)."""
     from types import SimpleNamespace
 
     from clbench.engine import make_scheduler
 
-    cfg = SimpleNamespace(**{"warmup_iters": 0, "milestones": [], "gamma": 0.1, **train}, scheduler=scheduler, lr=lr)
+    cfg = scheduler if not isinstance(scheduler, str) else SimpleNamespace(
+        **{"warmup_iters": 0, "milestones": [], "gamma": 0.1, **train}, scheduler=scheduler, lr=lr)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     sched = make_scheduler(opt, cfg, n_iter, per_epoch)
     out = []

@@ -10,22 +10,16 @@ import pytest
 import torch
 
 from clbench.config import load_config
-from clbench.engine import make_scheduler, run
+from clbench.engine import run
+from conftest import lr_per_iteration
 from clbench.logging import read_metrics
 from clbench.registry import ClbenchError
 
 
 def lrs(scheduler_cfg: dict, n_iter: int, per_epoch: int | None, base: float = 0.1) -> list[float]:
-    """The lr used at each of the ``n_iter`` iterations (the engine steps the schedule after each)."""
+    """The lr used at each of the ``n_iter`` iterations, the schedule read from a loaded config."""
     cfg = load_config(None, [f"train.{k}={v}" for k, v in scheduler_cfg.items()]).train
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    sched = make_scheduler(opt, cfg, n_iter, per_epoch)
-    out = []
-    for _ in range(n_iter):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return lr_per_iteration(cfg, n_iter, per_epoch, lr=base)
 
 
 def test_multistep_equals_torch_multisteplr_stepped_per_epoch():
