@@ -287,7 +287,30 @@ class _eval_mode:
 TASK_LOSSES = ("ce", "bce", "bce_new")
 
 
-class ParameterRegularization(Strategy):
+class BCETaskLoss:
+    """Smith et al.'s task-loss options for a strategy whose config has ``task_loss``, ``bce_scale`` and
+    ``freeze_bn`` and which records ``self.old_classes`` (the classes of finished experiences):
+    ``task_loss`` ``ce`` (the strategy's cross-entropy), ``bce`` (``bce_scale`` x BCE on the sigmoid of the
+    allowed (seen) logits, one-hot targets) or ``bce_new`` (the same on the current experience's classes
+    only); ``freeze_bn`` puts the model in eval mode before every training step.  Mixed in before
+    :class:`~clbench.strategy.Strategy` by the L2/EWC base and by LwF."""
+
+    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
+        if getattr(self.cfg, "freeze_bn", False):
+            self.model.eval()
+        return batch
+
+    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        choice = getattr(self.cfg, "task_loss", "ce")  # SI and MAS have no task_loss option
+        if choice == "ce":
+            return super().task_loss(output, batch, ctx)
+        allowed = ctx.class_mask[batch.task]
+        if choice == "bce_new":
+            allowed = allowed & ~self.old_classes
+        return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
+
+
+class ParameterRegularization(BCETaskLoss, Strategy):
     """Base of the L2 and EWC strategies: the ``penalty`` (added to the task loss by ``loss``) over the backbone's (or all)
     parameters; subclasses set the scale and consolidate in ``after_experience`` (then call this one's).
 
@@ -317,20 +340,6 @@ class ParameterRegularization(Strategy):
         if choice not in TASK_LOSSES:
             raise ClbenchError(f"strategy.task_loss must be one of {', '.join(TASK_LOSSES)}, got '{choice}'")
         self.old_classes = torch.zeros(ctx.stream.num_classes, dtype=torch.bool, device=ctx.device)
-
-    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
-        if getattr(self.cfg, "freeze_bn", False):
-            self.model.eval()
-        return batch
-
-    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        choice = getattr(self.cfg, "task_loss", "ce")
-        if choice == "ce":
-            return super().task_loss(output, batch, ctx)
-        allowed = ctx.class_mask[batch.task]
-        if choice == "bce_new":
-            allowed = allowed & ~self.old_classes
-        return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
 
     def after_experience(self, exp, ctx: Context) -> None:
         self.old_classes[exp.classes.to(self.old_classes.device)] = True

@@ -66,7 +66,7 @@ import torch
 from torch.nn import functional as F
 
 from clbench.registry import ClbenchError, register_strategy
-from clbench.regularizers import TASK_LOSSES, balanced_bce, one_hot, sigmoid_bce
+from clbench.regularizers import TASK_LOSSES, BCETaskLoss, balanced_bce, one_hot, sigmoid_bce
 from clbench.strategy import Batch, Context, Strategy, StrategyConfig
 from clbench.validation import bounded, choice, require
 
@@ -93,8 +93,9 @@ class LwFConfig(StrategyConfig):
 
 
 @register_strategy("lwf", config=LwFConfig, description="Learning without Forgetting (Li & Hoiem 2016), class-IL distillation")
-class LwF(Strategy):
-    """CE on the current data + alpha * KD(T) toward the previous model on the old classes' logits."""
+class LwF(BCETaskLoss, Strategy):
+    """CE on the current data + alpha * KD(T) toward the previous model on the old classes' logits
+    (``variant: kd``'s classification term and ``freeze_bn``: :class:`~clbench.regularizers.BCETaskLoss`)."""
 
     cfg: LwFConfig
 
@@ -133,11 +134,6 @@ class LwF(Strategy):
             target = self.teacher.features(self._x).float()
         return self.cfg.feature_kd * F.mse_loss(self.model.features(self._x).float(), target)
 
-    def prepare_batch(self, batch: Batch, ctx: Context) -> Batch:
-        if self.cfg.freeze_bn:
-            self.model.eval()
-        return batch
-
     def mc_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         """LwF.MC: ``bce_scale`` x BCE(sigmoid(z), t) over the allowed (seen) classes, t = one-hot on
         the current classes and sigmoid(teacher logits) on the old ones."""
@@ -154,16 +150,6 @@ class LwF(Strategy):
             return balanced_bce(output, target, allowed & ~self.old_classes, allowed & self.old_classes,
                                 scale=self.cfg.bce_scale)
         return sigmoid_bce(output, target, allowed, self.cfg.bce_scale)
-
-    def task_loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        """``variant: kd``'s classification term: cross-entropy, or ``bce_scale`` x sigmoid BCE on the seen
-        (``task_loss: bce``) or current (``bce_new``) classes' logits."""
-        if self.cfg.task_loss == "ce":
-            return super().task_loss(output, batch, ctx)
-        allowed = ctx.class_mask[batch.task]
-        if self.cfg.task_loss == "bce_new":
-            allowed = allowed & ~self.old_classes
-        return sigmoid_bce(output, one_hot(batch.y, output.shape[1]), allowed, self.cfg.bce_scale)
 
     def loss(self, output: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
         if self.cfg.variant == "mc":
